@@ -1,0 +1,164 @@
+"""Make pure-Python Detectron2 v0.6 run on torch 2.14, numpy 2, Pillow >= 10, setuptools >= 81.
+
+Applied once by ``import d2_norms``. Each patch checks first whether it is needed, so on a full
+detectron2 built from source (with ``detectron2._C``) or on newer libraries it does nothing.
+``applied()`` lists what was patched in this process (tests and ``collect_env`` use it).
+"""
+import importlib.util
+import sys
+import types
+from typing import List
+
+_APPLIED: List[str] = []
+
+# Ops that live in detectron2's C++ extension, by the name v0.6 calls them, mapped to the
+# feature a user would recognise in an error message.
+COMPILED_OPS = {
+    "deform_conv_forward": "deformable convolution (DCN)",
+    "deform_conv_backward_input": "deformable convolution (DCN)",
+    "deform_conv_backward_filter": "deformable convolution (DCN)",
+    "modulated_deform_conv_forward": "modulated deformable convolution (DCNv2)",
+    "modulated_deform_conv_backward": "modulated deformable convolution (DCNv2)",
+    "box_iou_rotated": "rotated box IoU",
+    "nms_rotated": "rotated box NMS",
+    "roi_align_rotated_forward": "rotated ROIAlign",
+    "roi_align_rotated_backward": "rotated ROIAlign",
+    "InstanceAnnotation": "fast COCO evaluation (COCOeval_opt)",
+    "COCOevalEvaluateImages": "fast COCO evaluation (COCOeval_opt)",
+    "COCOevalAccumulate": "fast COCO evaluation (COCOeval_opt)",
+    "get_compiler_version": "compiler information of the C++ extension",
+    "get_cuda_version": "CUDA information of the C++ extension",
+    "has_cuda": "CUDA information of the C++ extension",
+}
+
+
+class MissingCompiledOpError(RuntimeError):
+    """Raised when code calls an op of detectron2's C++ extension that is not built."""
+
+
+def _missing_op(name: str, feature: str):
+    def op(*args, **kwargs):
+        raise MissingCompiledOpError(
+            f"detectron2._C.{name} ({feature}) is not available: this detectron2 was installed "
+            "without its C++ extension (the pb1-detectron2 sdist has no csrc). d2_norms' models "
+            "do not need it; for this op build detectron2 from source "
+            "(pip install 'git+<detectron2 repo>') and reinstall d2_norms. For COCO evaluation use "
+            "d2_norms' evaluator (pycocotools / faster-coco-eval)."
+        )
+
+    op.__name__ = name
+    op.__qualname__ = name
+    return op
+
+
+class _MissingExtension(types.ModuleType):
+    """Stand-in for ``detectron2._C``: importable, known ops raise a clear error when called.
+
+    Attribute lookups for names that are not ops of the extension raise AttributeError, so
+    ``hasattr`` and ``getattr(mod, name, default)`` behave as on any module.
+    """
+
+    d2_norms_placeholder = True
+
+    def __getattr__(self, name: str):
+        if name in COMPILED_OPS:
+            return _missing_op(name, COMPILED_OPS[name])
+        raise AttributeError(f"module 'detectron2._C' (placeholder) has no attribute '{name}'")
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(COMPILED_OPS))
+
+
+def _install_c_extension_placeholder() -> None:
+    if "detectron2._C" in sys.modules:
+        return
+    if importlib.util.find_spec("detectron2") is None:
+        return
+    if importlib.util.find_spec("detectron2._C") is not None:
+        return  # real compiled extension
+    import detectron2
+
+    placeholder = _MissingExtension("detectron2._C", __doc__)
+    placeholder.__file__ = None
+    sys.modules["detectron2._C"] = placeholder
+    detectron2._C = placeholder
+    _APPLIED.append("detectron2._C placeholder (no compiled ops)")
+
+
+def _patch_pillow() -> None:
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        # Removed in Pillow 10; it was always an alias of BILINEAR.
+        Image.LINEAR = Image.BILINEAR
+        _APPLIED.append("PIL.Image.LINEAR = BILINEAR")
+
+
+def _install_pkg_resources_shim() -> None:
+    """detectron2.model_zoo imports pkg_resources (removed from setuptools 81) for one call."""
+    try:
+        import pkg_resources  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    import importlib.metadata
+    import importlib.resources
+    import os
+
+    shim = types.ModuleType("pkg_resources")
+    shim.__doc__ = "d2_norms shim: the subset of pkg_resources that detectron2 v0.6 uses."
+
+    def resource_filename(package: str, resource: str) -> str:
+        root = importlib.resources.files(package)
+        return os.fspath(root.joinpath(resource))
+
+    def resource_exists(package: str, resource: str) -> bool:
+        return importlib.resources.files(package).joinpath(resource).exists()
+
+    class DistributionNotFound(Exception):
+        pass
+
+    def get_distribution(name: str):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError as e:
+            raise DistributionNotFound(name) from e
+        return types.SimpleNamespace(project_name=name, version=version)
+
+    shim.resource_filename = resource_filename
+    shim.resource_exists = resource_exists
+    shim.get_distribution = get_distribution
+    shim.DistributionNotFound = DistributionNotFound
+    sys.modules["pkg_resources"] = shim
+    _APPLIED.append("pkg_resources shim (resource_filename, resource_exists, get_distribution)")
+
+
+def _patch_numpy_aliases() -> None:
+    """numpy 1.24 removed np.bool/np.int/np.float; v0.6 uses them (BitMasks, sem-seg eval)."""
+    import numpy as np
+
+    for name, value in (("bool", bool), ("int", int), ("float", float), ("object", object),
+                        ("str", str)):
+        if name not in np.__dict__:
+            try:
+                setattr(np, name, value)
+            except AttributeError:
+                continue
+            _APPLIED.append(f"numpy.{name} = {value.__name__}")
+
+
+def apply() -> List[str]:
+    """Apply every needed patch once; return the list of what was patched in this process."""
+    if not _APPLIED:
+        _patch_pillow()
+        _patch_numpy_aliases()
+        _install_pkg_resources_shim()
+        _install_c_extension_placeholder()
+        if not _APPLIED:
+            _APPLIED.append("nothing (full detectron2 / older libraries)")
+    return list(_APPLIED)
+
+
+def applied() -> List[str]:
+    return list(_APPLIED)
