@@ -1,0 +1,139 @@
+"""FPN on the d2_norms ResNets, with ``MODEL.FPN.NORM`` taken from the d2_norms registry.
+
+``NormFPN`` keeps detectron2's FPN forward pass, feature names (p2..p7), strides, channels and
+parameter names (``fpn_lateral{k}``, ``fpn_output{k}``, ``top_block.p6/p7``); only the convs
+differ: their type follows the norm (GNWS -> WS conv) and ``MODEL.FPN.NORM: "NF"`` gives
+Scaled-WS convs (gain 1: the FPN is linear) with a bias and no activation normalization.
+``""`` (detectron2's default, also for NF backbones) gives plain convs with a bias.
+
+The RetinaNet P6/P7 block puts the activation paired with ``MODEL.FPN.NORM`` between P6 and P7
+(TLU for FRN, ReLU otherwise), so an FRN model has no ReLU left in its backbone.
+"""
+import math
+
+import fvcore.nn.weight_init as weight_init
+from torch import nn
+
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, _assert_strides_are_log2_contiguous
+
+from . import _layers
+from .config import NF_NORM
+from .resnet import ConvNorm
+
+__all__ = ["NormFPN", "NormLastLevelP6P7", "fpn_conv"]
+
+
+def fpn_conv(norm: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+             *, gain: float = 1.0) -> nn.Module:
+    """One FPN conv with ``norm`` (no activation: the FPN is linear, as in detectron2).
+
+    ``gain`` is used only for ``norm == "NF"`` (Scaled WS): 1 for a linear input, the
+    activation's gain when the conv follows a nonlinearity (P7 after P6).
+    """
+    padding = kernel_size // 2
+    if norm == NF_NORM:
+        return _layers.scaled_ws_conv(in_channels, out_channels, kernel_size, stride=stride,
+                                      padding=padding, bias=True, gamma=gain)
+    if not norm:
+        conv = Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                      bias=True)
+        weight_init.c2_xavier_fill(conv)
+        return conv
+    conv = _layers.conv_class(norm)(in_channels, out_channels, kernel_size, stride=stride,
+                                    padding=padding, bias=False)
+    weight_init.c2_xavier_fill(conv)
+    return ConvNorm(conv, _layers.norm_act(norm, out_channels, apply_act=False))
+
+
+class NormLastLevelP6P7(nn.Module):
+    """RetinaNet's P6 = conv3x3/2(C5 or P5), P7 = conv3x3/2(act(P6)) with a registry activation."""
+
+    def __init__(self, in_channels, out_channels, in_feature="res5", norm=""):
+        super().__init__()
+        self.num_levels = 2
+        self.in_feature = in_feature
+        # No norm on P6/P7 (detectron2 / RetinaNet paper); "NF" still means Scaled-WS convs.
+        conv_norm = NF_NORM if norm == NF_NORM else ""
+        act_norm = "" if norm == NF_NORM else norm
+        self.p6 = fpn_conv(conv_norm, in_channels, out_channels, 3, stride=2, gain=1.0)
+        self.act = _layers.activation(act_norm, out_channels)
+        self.p7 = fpn_conv(conv_norm, out_channels, out_channels, 3, stride=2,
+                           gain=_layers.activation_gain("relu"))
+
+    def forward(self, x):
+        p6 = self.p6(x)
+        return [p6, self.p7(self.act(p6))]
+
+
+class NormFPN(FPN):
+    """detectron2's FPN with registry-aware convs (see module docstring)."""
+
+    def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None,
+                 fuse_type="sum"):
+        Backbone.__init__(self)
+        if not isinstance(bottom_up, Backbone):
+            raise TypeError(f"bottom_up must be a detectron2 Backbone, got {type(bottom_up)}")
+        if not in_features:
+            raise ValueError("MODEL.FPN.IN_FEATURES is empty; e.g. ['res2', 'res3', 'res4', 'res5'].")
+        if fuse_type not in ("sum", "avg"):
+            raise ValueError(f"MODEL.FPN.FUSE_TYPE must be 'sum' or 'avg', got {fuse_type!r}.")
+        input_shapes = bottom_up.output_shape()
+        missing = [f for f in in_features if f not in input_shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.FPN.IN_FEATURES {list(in_features)} asks for {missing}, which the bottom-up "
+                f"network does not output (its outputs: {sorted(input_shapes)}); add them to "
+                "MODEL.RESNETS.OUT_FEATURES."
+            )
+        strides = [input_shapes[f].stride for f in in_features]
+        in_channels_per_feature = [input_shapes[f].channels for f in in_features]
+        _assert_strides_are_log2_contiguous(strides)
+
+        lateral_convs, output_convs = [], []
+        for idx, in_channels in enumerate(in_channels_per_feature):
+            lateral_conv = fpn_conv(norm, in_channels, out_channels, 1)
+            output_conv = fpn_conv(norm, out_channels, out_channels, 3)
+            stage = int(math.log2(strides[idx]))
+            self.add_module(f"fpn_lateral{stage}", lateral_conv)
+            self.add_module(f"fpn_output{stage}", output_conv)
+            lateral_convs.append(lateral_conv)
+            output_convs.append(output_conv)
+        # Top-down order (low to high resolution), as detectron2's forward expects.
+        self.lateral_convs = lateral_convs[::-1]
+        self.output_convs = output_convs[::-1]
+        self.top_block = top_block
+        self.in_features = tuple(in_features)
+        self.bottom_up = bottom_up
+        self._out_feature_strides = {f"p{int(math.log2(s))}": s for s in strides}
+        if self.top_block is not None:
+            for s in range(stage, stage + self.top_block.num_levels):
+                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
+        self._out_features = list(self._out_feature_strides.keys())
+        self._out_feature_channels = {k: out_channels for k in self._out_features}
+        self._size_divisibility = strides[-1]
+        self._fuse_type = fuse_type
+        self.norm = norm
+
+
+def build_fpn(cfg, bottom_up, *, retinanet: bool) -> NormFPN:
+    """P2-P6 (Mask R-CNN, max-pool P6) or P3-P7 (RetinaNet, P6/P7 convs on C5)."""
+    norm = cfg.MODEL.FPN.NORM
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    if retinanet:
+        shapes = bottom_up.output_shape()
+        if "res5" not in shapes:
+            raise ValueError("RetinaNet's P6/P7 are computed from res5: add 'res5' to "
+                             "MODEL.RESNETS.OUT_FEATURES.")
+        top_block = NormLastLevelP6P7(shapes["res5"].channels, out_channels, "res5", norm=norm)
+    else:
+        top_block = LastLevelMaxPool()
+    return NormFPN(
+        bottom_up=bottom_up,
+        in_features=list(cfg.MODEL.FPN.IN_FEATURES),
+        out_channels=out_channels,
+        norm=norm,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

@@ -1,0 +1,286 @@
+"""Norm-aware ResNet-18/34/50/101/152 (post-activation, as detectron2's ResNet).
+
+Detectron2's blocks hard-code ``F.relu_`` after every norm and after the residual add, so FRN's
+TLU cannot replace ReLU there. Here every norm comes from the d2_norms registry together with
+its paired activation (BN/GN/GNWS -> ReLU, FRN -> TLU, "" -> ReLU only), including the
+activation after the residual add, and the conv type follows the norm (GNWS -> WS conv).
+
+Initialisation for training from scratch (GN paper sec. 4.1): He (MSRA) init for every conv,
+norm gamma 1 / beta 0 (tau 0 for TLU) as the layers define them, and optionally gamma 0 in each
+block's last norm (``MODEL.D2NORMS.ZERO_INIT_RESIDUAL``).
+
+The stages are put together by detectron2's own ``ResNet`` class, so ``OUT_FEATURES``,
+``FREEZE_AT`` (FrozenBN conversion, requires_grad off) and ``output_shape`` behave exactly as
+in detectron2.
+"""
+from typing import List, Optional
+
+import fvcore.nn.weight_init as weight_init
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.layers import CNNBlockBase, ShapeSpec
+from detectron2.modeling.backbone.resnet import ResNet
+
+from . import _layers
+
+__all__ = [
+    "ConvNorm",
+    "NormBasicBlock",
+    "NormBottleneckBlock",
+    "NormStem",
+    "NUM_BLOCKS_PER_STAGE",
+    "build_norm_resnet",
+]
+
+# detectron2's table, kept identical so that DEPTH means the same network.
+NUM_BLOCKS_PER_STAGE = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+}
+
+
+class ConvNorm(nn.Module):
+    """A conv followed by a norm (no activation): the projection shortcut."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.conv = conv
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def _he_init(conv: nn.Module) -> None:
+    # detectron2's c2_msra_fill: He et al. 2015 normal init (fan_out, ReLU gain), bias 0.
+    weight_init.c2_msra_fill(conv)
+
+
+def _zero_init_branch_end(norm: nn.Module, conv: nn.Module) -> None:
+    """Make the residual branch output 0 at init: gamma of its last norm, else the conv."""
+    scale = _layers.norm_scale_parameter(norm)
+    if scale is not None:
+        nn.init.zeros_(scale)
+    else:  # norm "" has no gamma: the branch's last conv is the only way to zero the branch
+        nn.init.zeros_(conv.weight)
+
+
+class NormBasicBlock(CNNBlockBase):
+    """Two 3x3 convs (ResNet-18/34) with registry norms and their paired activation."""
+
+    def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", zero_init_residual=False):
+        super().__init__(in_channels, out_channels, stride)
+        conv = _layers.conv_class(norm)
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = ConvNorm(
+                conv(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                _layers.norm_act(norm, out_channels, apply_act=False),
+            )
+            _he_init(self.shortcut.conv)
+        else:
+            self.shortcut = None
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _layers.norm_act(norm, out_channels, apply_act=True)
+        self.conv2 = conv(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.norm2 = _layers.norm_act(norm, out_channels, apply_act=False)
+        # Marks the end of the residual branch (before the add) for Signal Propagation Plots.
+        self.branch_out = nn.Identity()
+        self.act = _layers.activation(norm, out_channels)
+        for c in (self.conv1, self.conv2):
+            _he_init(c)
+        if zero_init_residual:
+            _zero_init_branch_end(self.norm2, self.conv2)
+
+    def forward(self, x):
+        out = self.norm1(self.conv1(x))
+        out = self.branch_out(self.norm2(self.conv2(out)))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.act(out + shortcut)
+
+
+class NormBottleneckBlock(CNNBlockBase):
+    """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50/101/152, ResNeXt) with registry norms."""
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        *,
+        bottleneck_channels,
+        stride=1,
+        num_groups=1,
+        norm="BN",
+        stride_in_1x1=False,
+        dilation=1,
+        zero_init_residual=False,
+    ):
+        super().__init__(in_channels, out_channels, stride)
+        conv = _layers.conv_class(norm)
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = ConvNorm(
+                conv(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                _layers.norm_act(norm, out_channels, apply_act=False),
+            )
+            _he_init(self.shortcut.conv)
+        else:
+            self.shortcut = None
+        # MSRA's original models stride in the 1x1, fb.torch / Caffe2 ResNeXt in the 3x3.
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = conv(in_channels, bottleneck_channels, 1, stride=stride_1x1, bias=False)
+        self.norm1 = _layers.norm_act(norm, bottleneck_channels, apply_act=True)
+        self.conv2 = conv(
+            bottleneck_channels,
+            bottleneck_channels,
+            3,
+            stride=stride_3x3,
+            padding=dilation,
+            dilation=dilation,
+            groups=num_groups,
+            bias=False,
+        )
+        self.norm2 = _layers.norm_act(norm, bottleneck_channels, apply_act=True)
+        self.conv3 = conv(bottleneck_channels, out_channels, 1, bias=False)
+        self.norm3 = _layers.norm_act(norm, out_channels, apply_act=False)
+        self.branch_out = nn.Identity()
+        self.act = _layers.activation(norm, out_channels)
+        for c in (self.conv1, self.conv2, self.conv3):
+            _he_init(c)
+        if zero_init_residual:
+            _zero_init_branch_end(self.norm3, self.conv3)
+
+    def forward(self, x):
+        out = self.norm1(self.conv1(x))
+        out = self.norm2(self.conv2(out))
+        out = self.branch_out(self.norm3(self.conv3(out)))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.act(out + shortcut)
+
+
+class NormStem(CNNBlockBase):
+    """7x7/2 conv, norm + paired activation, 3x3/2 max pool (stride 4, as detectron2's)."""
+
+    def __init__(self, in_channels=3, out_channels=64, norm="BN"):
+        super().__init__(in_channels, out_channels, 4)
+        self.in_channels = in_channels
+        conv = _layers.conv_class(norm)
+        self.conv1 = conv(in_channels, out_channels, 7, stride=2, padding=3, bias=False)
+        self.norm1 = _layers.norm_act(norm, out_channels, apply_act=True)
+        _he_init(self.conv1)
+
+    def forward(self, x):
+        x = self.norm1(self.conv1(x))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+
+def check_resnet_cfg(cfg) -> None:
+    """Reject settings the d2_norms ResNets do not implement, saying which key to change."""
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in NUM_BLOCKS_PER_STAGE:
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH={r.DEPTH} is not supported; use one of "
+            f"{sorted(NUM_BLOCKS_PER_STAGE)}."
+        )
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}.")
+    if any(r.DEFORM_ON_PER_STAGE):
+        raise ValueError(
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported by d2_norms' backbones "
+            "(deformable convs need detectron2's C++ extension); set it to [False] * 4."
+        )
+    if r.DEPTH in (18, 34):
+        for key, value, need in (
+            ("RES2_OUT_CHANNELS", r.RES2_OUT_CHANNELS, 64),
+            ("RES5_DILATION", r.RES5_DILATION, 1),
+            ("NUM_GROUPS", r.NUM_GROUPS, 1),
+        ):
+            if value != need:
+                raise ValueError(
+                    f"ResNet-{r.DEPTH} uses basic blocks: set MODEL.RESNETS.{key} = {need} "
+                    f"(got {value})."
+                )
+    valid = {"stem", "res2", "res3", "res4", "res5"}
+    bad = [f for f in r.OUT_FEATURES if f not in valid]
+    if bad or not r.OUT_FEATURES:
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={list(r.OUT_FEATURES)} must be a non-empty subset of "
+            f"{sorted(valid)}."
+        )
+
+
+def stage_specs(cfg) -> List[dict]:
+    """Per-stage block arguments shared by the norm-aware and the NF ResNet (detectron2 rules)."""
+    r = cfg.MODEL.RESNETS
+    depth = r.DEPTH
+    in_channels = r.STEM_OUT_CHANNELS
+    out_channels = r.RES2_OUT_CHANNELS
+    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    specs = []
+    for idx, stage_idx in enumerate(range(2, 6)):
+        # RES5_DILATION as in R-FCN / deformable conv: dilate res5 instead of striding it.
+        dilation = r.RES5_DILATION if stage_idx == 5 else 1
+        first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
+        n = NUM_BLOCKS_PER_STAGE[depth][idx]
+        spec = {
+            "num_blocks": n,
+            "strides": [first_stride] + [1] * (n - 1),
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+        }
+        if depth >= 50:
+            spec.update(
+                bottleneck_channels=bottleneck_channels,
+                num_groups=r.NUM_GROUPS,
+                stride_in_1x1=r.STRIDE_IN_1X1,
+                dilation=dilation,
+            )
+        specs.append(spec)
+        in_channels = out_channels
+        out_channels *= 2
+        bottleneck_channels *= 2
+    return specs
+
+
+def build_norm_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
+    """Norm-aware ResNet from ``cfg.MODEL.RESNETS`` (any norm name of the d2_norms registry)."""
+    check_resnet_cfg(cfg)
+    norm = cfg.MODEL.RESNETS.NORM
+    zero_init = cfg.MODEL.D2NORMS.ZERO_INIT_RESIDUAL
+    stem = NormStem(input_shape.channels, cfg.MODEL.RESNETS.STEM_OUT_CHANNELS, norm=norm)
+    stages = []
+    for spec in stage_specs(cfg):
+        blocks = []
+        in_channels = spec["in_channels"]
+        for stride in spec["strides"]:
+            if "bottleneck_channels" in spec:
+                block = NormBottleneckBlock(
+                    in_channels,
+                    spec["out_channels"],
+                    bottleneck_channels=spec["bottleneck_channels"],
+                    stride=stride,
+                    num_groups=spec["num_groups"],
+                    norm=norm,
+                    stride_in_1x1=spec["stride_in_1x1"],
+                    dilation=spec["dilation"],
+                    zero_init_residual=zero_init,
+                )
+            else:
+                block = NormBasicBlock(
+                    in_channels,
+                    spec["out_channels"],
+                    stride=stride,
+                    norm=norm,
+                    zero_init_residual=zero_init,
+                )
+            blocks.append(block)
+            in_channels = spec["out_channels"]
+        stages.append(blocks)
+    return ResNet(
+        stem,
+        stages,
+        out_features=list(cfg.MODEL.RESNETS.OUT_FEATURES),
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
