@@ -27,6 +27,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with:
 
     - DDP on CPU (gloo) as well as CUDA; AMP only where it exists (CUDA), with a warning otherwise;
+    - SGD without weight decay on every normalizer parameter (d2_norms' layers included) and
+      a cosine warm-up option (``d2_norms.solver``);
     - COCO evaluation through ``d2_norms.evaluation`` (pycocotools / faster-coco-eval, never the
       compiled fast eval that pure-Python detectron2 lacks);
     - ``train()`` returning the final evaluation results.
@@ -57,6 +59,18 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        from d2_norms.solver import build_optimizer
+
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        from d2_norms.solver import build_lr_scheduler
+
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,267 @@
+"""From-scratch training recipes as rules, scaled to any total batch.
+
+Every number of a generated config (``tools/make_configs.py``) comes from these functions;
+nothing is hand-computed.
+
+- RetinaNet follows the FRN paper (sec. 4.3, Table 6): reference total batch 64 trains 125k
+  iterations; total batch M trains 125000 * 64 / M iterations at lr = base_lr * M / 64
+  (base_lr one of 0.01 / 0.05 / 0.1, the paper reports the best), momentum 0.9, weight decay
+  4e-4, cosine decay, with a cosine warm-up ramp (sec. 4.1).
+- Mask R-CNN follows the GN paper's from-scratch setting (sec. 4 "Training Mask R-CNN from
+  scratch", Table 7; detectron2's scratch GN configs): total batch 16 trains 270k iterations at
+  lr 0.02, lr x0.1 at 210k and 250k; the long variant ("9x") trains 810k with steps at 750k and
+  790k. Other total batches follow the linear scaling rule (lr x M/16, iterations x 16/M).
+- The per-GPU batch is the knob: configs carry ``IMS_PER_BATCH = images_per_gpu * 8`` and
+  ``REFERENCE_WORLD_SIZE = 8`` (the papers' 8 GPUs). On another number of GPUs detectron2's
+  auto-scaling keeps the per-GPU batch and rescales lr, iterations, warm-up, steps, checkpoint and
+  eval periods linearly, which is exactly the rules above evaluated at the new total batch.
+- Weight decay is 0 on every normalizer parameter (GN paper sec. 4.2; ``d2_norms.solver``).
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
+
+REFERENCE_WORLD_SIZE = 8
+IMAGES_PER_GPU = (1, 2, 4, 8)
+NORMALIZERS = ("BN", "SyncBN", "GN", "GNWS", "FRN", "NF")
+DETECTORS = ("retinanet", "mask_rcnn")
+DEPTHS = (50, 101)
+
+# FRN paper sec. 4.3
+FRN_REFERENCE_BATCH = 64
+FRN_REFERENCE_ITERS = 125_000
+FRN_BASE_LRS = (0.01, 0.05, 0.1)
+FRN_DEFAULT_BASE_LR = 0.05
+FRN_WEIGHT_DECAY = 4e-4
+# Warm-up length is not given in the paper; ours: 1000 iterations at the reference batch,
+# scaled like the training length (0.8% of training).
+FRN_REFERENCE_WARMUP = 1000
+
+# GN paper Table 7 / detectron2 scratch Mask R-CNN
+GN_REFERENCE_BATCH = 16
+GN_REFERENCE_LR = 0.02
+GN_SCHEDULES = {  # name -> (iterations, lr steps) at the reference batch 16
+    "3x": (270_000, (210_000, 250_000)),
+    "9x": (810_000, (750_000, 790_000)),
+}
+GN_WEIGHT_DECAY = 1e-4
+GN_REFERENCE_WARMUP = 1000
+
+CHECKPOINTS_PER_RUN = 25
+EVALS_PER_RUN = 5
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """SOLVER / TEST values of one recipe at one total batch."""
+
+    ims_per_batch: int
+    base_lr: float
+    max_iter: int
+    steps: Tuple[int, ...]
+    warmup_iters: int
+    lr_scheduler_name: str
+    warmup_method: str
+    weight_decay: float
+    momentum: float
+    checkpoint_period: int
+    eval_period: int
+
+    def solver_dict(self) -> Dict:
+        d = asdict(self)
+        return {
+            "IMS_PER_BATCH": d["ims_per_batch"],
+            "BASE_LR": d["base_lr"],
+            "MAX_ITER": d["max_iter"],
+            "STEPS": list(d["steps"]),
+            "WARMUP_ITERS": d["warmup_iters"],
+            "WARMUP_FACTOR": 0.001,
+            "WARMUP_METHOD": d["warmup_method"],
+            "LR_SCHEDULER_NAME": d["lr_scheduler_name"],
+            "WEIGHT_DECAY": d["weight_decay"],
+            "WEIGHT_DECAY_NORM": 0.0,
+            "MOMENTUM": d["momentum"],
+            "CHECKPOINT_PERIOD": d["checkpoint_period"],
+            "REFERENCE_WORLD_SIZE": REFERENCE_WORLD_SIZE,
+        }
+
+
+def _check_batch(total_batch: int) -> None:
+    if not isinstance(total_batch, int) or total_batch < 1:
+        raise ValueError(f"total batch must be a positive integer, got {total_batch!r}")
+
+
+def frn_retinanet_schedule(total_batch: int, base_lr: float = FRN_DEFAULT_BASE_LR) -> Schedule:
+    """FRN paper sec. 4.3 at total batch ``total_batch`` (see module docstring)."""
+    _check_batch(total_batch)
+    if base_lr <= 0:
+        raise ValueError(f"base_lr must be > 0, got {base_lr}")
+    scale = total_batch / FRN_REFERENCE_BATCH
+    max_iter = round(FRN_REFERENCE_ITERS / scale)
+    return Schedule(
+        ims_per_batch=total_batch,
+        base_lr=base_lr * scale,
+        max_iter=max_iter,
+        steps=(),
+        warmup_iters=round(FRN_REFERENCE_WARMUP / scale),
+        lr_scheduler_name="WarmupCosineLR",
+        warmup_method="cosine",
+        weight_decay=FRN_WEIGHT_DECAY,
+        momentum=0.9,
+        checkpoint_period=max_iter // CHECKPOINTS_PER_RUN,
+        eval_period=max_iter // EVALS_PER_RUN,
+    )
+
+
+def gn_mask_rcnn_schedule(total_batch: int, length: str = "3x") -> Schedule:
+    """GN paper from-scratch Mask R-CNN at total batch ``total_batch`` (see module docstring)."""
+    _check_batch(total_batch)
+    if length not in GN_SCHEDULES:
+        raise ValueError(f"unknown schedule {length!r}; choose one of {sorted(GN_SCHEDULES)}")
+    iters, steps = GN_SCHEDULES[length]
+    scale = total_batch / GN_REFERENCE_BATCH
+    max_iter = round(iters / scale)
+    return Schedule(
+        ims_per_batch=total_batch,
+        base_lr=GN_REFERENCE_LR * scale,
+        max_iter=max_iter,
+        steps=tuple(round(s / scale) for s in steps),
+        warmup_iters=round(GN_REFERENCE_WARMUP / scale),
+        lr_scheduler_name="WarmupMultiStepLR",
+        warmup_method="linear",
+        weight_decay=GN_WEIGHT_DECAY,
+        momentum=0.9,
+        checkpoint_period=max_iter // CHECKPOINTS_PER_RUN,
+        eval_period=max_iter // EVALS_PER_RUN,
+    )
+
+
+def schedule_for(detector: str, images_per_gpu: int, *, world_size: int = REFERENCE_WORLD_SIZE,
+                 frn_base_lr: float = FRN_DEFAULT_BASE_LR, length: str = "3x") -> Schedule:
+    total = images_per_gpu * world_size
+    if detector == "retinanet":
+        return frn_retinanet_schedule(total, frn_base_lr)
+    if detector == "mask_rcnn":
+        return gn_mask_rcnn_schedule(total, length)
+    raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
+
+
+# Which YAML norm fields each normalizer name sets. The normalizer applies everywhere it can:
+# backbone, FPN and heads, as in the papers' tables; NF has no activation normalization at all.
+def norm_fields(detector: str, normalizer: str) -> Dict[str, str]:
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {normalizer!r}; choose one of {NORMALIZERS}")
+    rest = "" if normalizer == "NF" else normalizer
+    fields = {"MODEL.RESNETS.NORM": normalizer, "MODEL.FPN.NORM": rest}
+    if detector == "retinanet":
+        fields["MODEL.RETINANET.NORM"] = rest
+    else:
+        fields["MODEL.ROI_BOX_HEAD.NORM"] = rest
+        fields["MODEL.ROI_MASK_HEAD.NORM"] = rest
+    return fields
+
+
+def config_name(detector: str, depth: int, normalizer: str, images_per_gpu: int,
+                length: Optional[str] = None) -> str:
+    suffix = f"_{length}" if length and length != "3x" else ""
+    return f"{detector}_R_{depth}_FPN_{normalizer}_{images_per_gpu}img{suffix}.yaml"
+
+
+DETECTOR_TITLES = {"retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN"}
+BASES = {"retinanet": "Base-RetinaNet-scratch.yaml", "mask_rcnn": "Base-MaskRCNN-scratch.yaml"}
+RECIPE_NOTES = {
+    "retinanet": "FRN paper sec. 4.3 schedule (batch 64 -> 125k it, lr base_lr*M/64, cosine)",
+    "mask_rcnn": "GN paper from-scratch schedule (batch 16 -> {} it, lr 0.02*M/16, steps)",
+}
+
+
+def _yaml_value(value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, float):
+        return repr(float(f"{value:.10g}"))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _nested(flat: Dict[str, object]) -> Dict:
+    root: Dict = {}
+    for key, value in flat.items():
+        node = root
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return root
+
+
+def _dump(node: Dict, indent: int = 0):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield " " * indent + f"{key}:"
+            yield from _dump(value, indent + 2)
+        else:
+            yield " " * indent + f"{key}: {_yaml_value(value)}"
+
+
+def render_config(detector: str, depth: int, normalizer: str, images_per_gpu: int,
+                  length: str = "3x", frn_base_lr: float = FRN_DEFAULT_BASE_LR) -> str:
+    """The YAML text of one matrix cell."""
+    sched = schedule_for(detector, images_per_gpu, frn_base_lr=frn_base_lr, length=length)
+    name = config_name(detector, depth, normalizer, images_per_gpu, length)
+    flat: Dict[str, object] = {"MODEL.RESNETS.DEPTH": depth}
+    flat.update(norm_fields(detector, normalizer))
+    flat.update({f"SOLVER.{k}": v for k, v in sched.solver_dict().items()})
+    flat["TEST.EVAL_PERIOD"] = sched.eval_period
+    flat["OUTPUT_DIR"] = "output/COCO-scratch/" + name[: -len(".yaml")]
+    note = RECIPE_NOTES[detector].format(GN_SCHEDULES[length][0] if detector == "mask_rcnn" else "")
+    header = [
+        "# Generated by tools/make_configs.py from d2_norms/recipes.py: edit the rule, not this file.",
+        f"# {DETECTOR_TITLES[detector]} R{depth}-FPN from scratch, {normalizer}, "
+        f"{images_per_gpu} image(s) per GPU (total {sched.ims_per_batch} on "
+        f"{REFERENCE_WORLD_SIZE} GPUs; other GPU counts keep {images_per_gpu}/GPU and rescale).",
+        f"# {note}.",
+        f'_BASE_: "{BASES[detector]}"',
+    ]
+    return "\n".join(header + list(_dump(_nested(flat)))) + "\n"
+
+
+def matrix_cells():
+    """(detector, depth, normalizer, images_per_gpu, length) of every generated config."""
+    for detector in DETECTORS:
+        for depth in DEPTHS:
+            for normalizer in NORMALIZERS:
+                for ims in IMAGES_PER_GPU:
+                    yield detector, depth, normalizer, ims, "3x"
+    for normalizer in NORMALIZERS:
+        for ims in IMAGES_PER_GPU:
+            yield "mask_rcnn", 50, normalizer, ims, "9x"
+
+
+def write_matrix(out_dir: str, check: bool = False, **kwargs):
+    """Write (or with ``check`` compare) every matrix config; return the names that differ.
+
+    Files are written to a temporary name then renamed, so an interrupted run leaves no
+    half-written config."""
+    import os
+
+    changed = []
+    expected = set()
+    for detector, depth, normalizer, ims, length in matrix_cells():
+        name = config_name(detector, depth, normalizer, ims, length)
+        expected.add(name)
+        text = render_config(detector, depth, normalizer, ims, length, **kwargs)
+        path = os.path.join(out_dir, name)
+        current = open(path).read() if os.path.exists(path) else None
+        if current == text:
+            continue
+        changed.append(name)
+        if not check:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".yaml")
+                   and not f.startswith("Base-") and f not in expected)
+    changed += [f"{f} (not produced by the generator)" for f in stale]
+    return changed

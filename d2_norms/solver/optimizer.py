@@ -1,0 +1,74 @@
+"""SGD with no weight decay on normalizer parameters (GN paper sec. 4.2).
+
+Detectron2 v0.6 applies SOLVER.WEIGHT_DECAY_NORM only to parameters of its own norm classes;
+d2_norms' layers (FRN gamma/beta/tau/learned eps, GN/WS variants, Scaled WS gains, SkipInit
+scalars) would silently get the normal weight decay. Here a parameter is a "normalizer parameter"
+when its module is a normalization layer (torch's, detectron2's, or one registered with
+d2_norms) or when its module lists it in ``d2n_norm_params`` (a tuple of parameter names, used
+by layers that mix conv weights with gains, such as Scaled WS convolutions).
+"""
+from typing import Dict, List
+
+import torch
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+TORCH_NORM_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    FrozenBatchNorm2d,
+    NaiveSyncBatchNorm,
+)
+
+
+def _registered_norm_types():
+    from d2_norms import layers
+
+    return tuple(getattr(layers, "normalizer_module_types", lambda: ())())
+
+
+def is_normalizer_module(module: torch.nn.Module) -> bool:
+    return isinstance(module, TORCH_NORM_TYPES + _registered_norm_types())
+
+
+def normalizer_parameter_names(model: torch.nn.Module) -> List[str]:
+    """Qualified names of every normalizer parameter of ``model`` (see module docstring)."""
+    names = []
+    for module_name, module in model.named_modules():
+        listed = set(getattr(module, "d2n_norm_params", ()))
+        whole = is_normalizer_module(module)
+        for param_name, _ in module.named_parameters(recurse=False):
+            if whole or param_name in listed:
+                names.append(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def get_optimizer_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
+    """One group per parameter with its lr and weight decay: WEIGHT_DECAY_NORM for normalizer
+    parameters, WEIGHT_DECAY_BIAS / BIAS_LR_FACTOR for other biases, WEIGHT_DECAY otherwise."""
+    solver = cfg.SOLVER
+    norm_names = set(normalizer_parameter_names(model))
+    groups, seen = [], set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        lr, decay = solver.BASE_LR, solver.WEIGHT_DECAY
+        if name in norm_names:
+            decay = solver.WEIGHT_DECAY_NORM
+        elif name.endswith(".bias"):
+            lr = solver.BASE_LR * solver.BIAS_LR_FACTOR
+            decay = solver.WEIGHT_DECAY_BIAS
+        groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": name})
+    return groups
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov from SOLVER) with the groups above and SOLVER.CLIP_GRADIENTS."""
+    groups = get_optimizer_param_groups(cfg, model)
+    sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+    return sgd(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+               nesterov=cfg.SOLVER.NESTEROV)

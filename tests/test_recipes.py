@@ -1,0 +1,136 @@
+"""Schedules follow the papers' rules at every batch size; the committed config matrix is what
+the generator produces; LR schedules and optimizer groups behave as documented."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import d2_norms  # noqa: F401
+from d2_norms import recipes
+from d2_norms.engine.defaults import setup_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATRIX_DIR = os.path.join(REPO, "configs", "COCO-scratch")
+
+
+@pytest.mark.parametrize("ims_per_gpu", [1, 2, 4, 8])
+@pytest.mark.parametrize("base_lr", [0.01, 0.05, 0.1])
+def test_frn_rule(ims_per_gpu, base_lr):
+    # FRN sec. 4.3 written out: batch M -> 125000 * 64 / M iterations at base_lr * M / 64.
+    M = ims_per_gpu * 8
+    s = recipes.schedule_for("retinanet", ims_per_gpu, frn_base_lr=base_lr)
+    assert s.ims_per_batch == M
+    assert s.max_iter == 125000 * 64 // M
+    assert math.isclose(s.base_lr, base_lr * M / 64)
+    assert s.lr_scheduler_name == "WarmupCosineLR" and s.warmup_method == "cosine"
+    assert s.weight_decay == 4e-4 and s.momentum == 0.9
+    # lr * iterations is constant across batch sizes (linear scaling)
+    assert math.isclose(s.base_lr * s.max_iter, base_lr * 125000)
+
+
+@pytest.mark.parametrize("ims_per_gpu", [1, 2, 4, 8])
+@pytest.mark.parametrize("length,iters,steps", [("3x", 270000, (210000, 250000)),
+                                                ("9x", 810000, (750000, 790000))])
+def test_gn_rule(ims_per_gpu, length, iters, steps):
+    M = ims_per_gpu * 8
+    s = recipes.schedule_for("mask_rcnn", ims_per_gpu, length=length)
+    assert s.max_iter == iters * 16 // M
+    assert s.steps == tuple(x * 16 // M for x in steps)
+    assert math.isclose(s.base_lr, 0.02 * M / 16)
+    assert s.lr_scheduler_name == "WarmupMultiStepLR"
+
+
+def test_bad_recipe_arguments_are_explained():
+    with pytest.raises(ValueError, match="unknown normalizer 'LN'"):
+        recipes.norm_fields("retinanet", "LN")
+    with pytest.raises(ValueError, match="positive integer"):
+        recipes.frn_retinanet_schedule(0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        recipes.gn_mask_rcnn_schedule(16, "2x")
+
+
+def test_committed_matrix_has_no_drift():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_configs.py"),
+                          "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_generator_detects_drift(tmp_path):
+    assert len(recipes.write_matrix(str(tmp_path))) == len(list(recipes.matrix_cells()))
+    assert recipes.write_matrix(str(tmp_path), check=True) == []
+    victim = tmp_path / recipes.config_name("retinanet", 50, "FRN", 2)
+    victim.write_text(victim.read_text().replace("BASE_LR: 0.0125", "BASE_LR: 0.02"))
+    (tmp_path / "hand_written.yaml").write_text("MODEL: {}\n")
+    drift = recipes.write_matrix(str(tmp_path), check=True)
+    assert victim.name in drift
+    assert any("hand_written.yaml" in d for d in drift)
+
+
+def _cfg(path, *opts):
+    class Args:
+        config_file = path
+    Args.opts = list(opts)
+    return setup_cfg(Args, log=False)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(MATRIX_DIR)
+                                        if f.endswith(".yaml") and not f.startswith("Base-")))
+def test_matrix_config_loads_with_rule_values(name):
+    cfg = _cfg(os.path.join(MATRIX_DIR, name))
+    cell = next(c for c in recipes.matrix_cells() if recipes.config_name(*c) == name)
+    detector, depth, normalizer, ims, length = cell
+    sched = recipes.schedule_for(detector, ims, length=length)
+    assert cfg.SOLVER.IMS_PER_BATCH // cfg.SOLVER.REFERENCE_WORLD_SIZE == ims
+    assert cfg.SOLVER.MAX_ITER == sched.max_iter and cfg.SOLVER.BASE_LR == pytest.approx(sched.base_lr)
+    assert cfg.MODEL.RESNETS.DEPTH == depth and cfg.MODEL.RESNETS.NORM == normalizer
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.SOLVER.WEIGHT_DECAY_NORM == 0.0
+    assert (cfg.MODEL.META_ARCHITECTURE == "RetinaNet") == (detector == "retinanet")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 16])
+def test_auto_scaling_keeps_per_gpu_batch_and_follows_the_rule(world_size):
+    """Detectron2's REFERENCE_WORLD_SIZE scaling of a generated file equals the rule evaluated
+    at the new total batch."""
+    from d2_norms.engine import Trainer
+
+    for detector, ims in [("retinanet", 2), ("mask_rcnn", 1)]:
+        name = recipes.config_name(detector, 50, "GN", ims)
+        cfg = Trainer.auto_scale_workers(_cfg(os.path.join(MATRIX_DIR, name)), world_size)
+        M = ims * world_size
+        rule = (recipes.frn_retinanet_schedule(M) if detector == "retinanet"
+                else recipes.gn_mask_rcnn_schedule(M))
+        assert cfg.SOLVER.IMS_PER_BATCH == M
+        assert cfg.SOLVER.MAX_ITER == rule.max_iter
+        assert cfg.SOLVER.BASE_LR == pytest.approx(rule.base_lr)
+        assert tuple(cfg.SOLVER.STEPS) == rule.steps
+        assert cfg.SOLVER.WARMUP_ITERS == rule.warmup_iters
+        assert abs(cfg.SOLVER.CHECKPOINT_PERIOD - rule.checkpoint_period) <= 1
+
+
+def test_cosine_warmup_follows_half_cosine_then_cosine_decay():
+    from detectron2.config import get_cfg
+
+    from d2_norms.solver import build_lr_scheduler
+
+    cfg = get_cfg()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER = 0.1, 1000
+    cfg.SOLVER.LR_SCHEDULER_NAME, cfg.SOLVER.WARMUP_METHOD = "WarmupCosineLR", "cosine"
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.WARMUP_FACTOR = 100, 0.0
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    main = lambda t: 0.1 * 0.5 * (1 + math.cos(math.pi * t / 1000))  # noqa: E731
+    for it in (0, 25, 50, 99):
+        ramp = main(100) * 0.5 * (1 - math.cos(math.pi * it / 100))
+        assert lrs[it] == pytest.approx(ramp, abs=1e-9)
+    for it in (100, 500, 999):
+        assert lrs[it] == pytest.approx(main(it), rel=1e-6)
