@@ -26,9 +26,14 @@ COMPILED_OPS = {
     "InstanceAnnotation": "fast COCO evaluation (COCOeval_opt)",
     "COCOevalEvaluateImages": "fast COCO evaluation (COCOeval_opt)",
     "COCOevalAccumulate": "fast COCO evaluation (COCOeval_opt)",
-    "get_compiler_version": "compiler information of the C++ extension",
-    "get_cuda_version": "CUDA information of the C++ extension",
-    "has_cuda": "CUDA information of the C++ extension",
+}
+# Build-information functions of the extension (detectron2's collect_env_info calls them in
+# every default_setup): they answer truthfully that nothing was built instead of raising.
+_NOT_BUILT = "not built (detectron2 installed without its C++ extension)"
+BUILD_INFO = {
+    "get_compiler_version": lambda: _NOT_BUILT,
+    "get_cuda_version": lambda: _NOT_BUILT,
+    "has_cuda": lambda: False,
 }
 
 
@@ -63,10 +68,12 @@ class _MissingExtension(types.ModuleType):
     def __getattr__(self, name: str):
         if name in COMPILED_OPS:
             return _missing_op(name, COMPILED_OPS[name])
+        if name in BUILD_INFO:
+            return BUILD_INFO[name]
         raise AttributeError(f"module 'detectron2._C' (placeholder) has no attribute '{name}'")
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(COMPILED_OPS))
+        return sorted(set(super().__dir__()) | set(COMPILED_OPS) | set(BUILD_INFO))
 
 
 def _install_c_extension_placeholder() -> None:

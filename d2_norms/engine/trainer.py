@@ -80,4 +80,8 @@ class Trainer(DefaultTrainer):
 
     def train(self):
         super().train()
+        if comm.get_world_size() > 1:
+            from d2_norms.engine.replicas import check_replicas_identical
+
+            check_replicas_identical(self.model)
         return getattr(self, "_last_eval_results", None)

@@ -61,7 +61,9 @@ def get_optimizer_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
             decay = solver.WEIGHT_DECAY_NORM
         elif name.endswith(".bias"):
             lr = solver.BASE_LR * solver.BIAS_LR_FACTOR
-            decay = solver.WEIGHT_DECAY_BIAS
+            # detectron2: WEIGHT_DECAY_BIAS None means "same as WEIGHT_DECAY"
+            if solver.WEIGHT_DECAY_BIAS is not None:
+                decay = solver.WEIGHT_DECAY_BIAS
         groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": name})
     return groups
 
