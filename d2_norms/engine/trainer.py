@@ -61,6 +61,25 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader with d2_norms' mapper: a missing/unreadable image is an error that
+        names the file (in worker processes too). Datasets are checked first, before workers."""
+        from detectron2.data import build_detection_train_loader
+
+        from d2_norms.data import SafeDatasetMapper, check_datasets
+
+        check_datasets(cfg, deep=comm.is_main_process())
+        return build_detection_train_loader(cfg, mapper=SafeDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from detectron2.data import build_detection_test_loader
+
+        from d2_norms.data import SafeDatasetMapper
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         from d2_norms.solver import build_optimizer
 
