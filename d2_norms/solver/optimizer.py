@@ -3,9 +3,9 @@
 Detectron2 v0.6 applies SOLVER.WEIGHT_DECAY_NORM only to parameters of its own norm classes;
 d2_norms' layers (FRN gamma/beta/tau/learned eps, GN/WS variants, Scaled WS gains, SkipInit
 scalars) would silently get the normal weight decay. Here a parameter is a "normalizer parameter"
-when its module is a normalization layer (torch's, detectron2's, or one registered with
-d2_norms) or when its module lists it in ``d2n_norm_params`` (a tuple of parameter names, used
-by layers that mix conv weights with gains, such as Scaled WS convolutions).
+when its module is a normalization layer (torch's, detectron2's, d2_norms' FRN/TLU/affine, or
+any module with ``d2n_is_normalizer = True``), or when its module lists it in ``d2n_norm_params``
+(a tuple of parameter names; Scaled WS gains and NF SkipInit scalars are listed here).
 """
 from typing import Dict, List
 
@@ -24,21 +24,37 @@ TORCH_NORM_TYPES = (
 )
 
 
-def _registered_norm_types():
-    from d2_norms import layers
+def _d2_norms_norm_types():
+    from d2_norms.layers import TLU, ChannelAffine, FilterResponseNorm2d
 
-    return tuple(getattr(layers, "normalizer_module_types", lambda: ())())
+    return (FilterResponseNorm2d, TLU, ChannelAffine)
+
+
+def _listed_norm_params(module: torch.nn.Module):
+    """Normalizer parameters of modules that also hold ordinary weights."""
+    from d2_norms.layers import ScaledStdConv2d
+    from d2_norms.modeling.nf_resnet import _NFBlockBase
+
+    listed = set(getattr(module, "d2n_norm_params", ()))
+    if isinstance(module, ScaledStdConv2d):
+        listed.add("gain")  # NF eq. 3 affine gain
+    if isinstance(module, _NFBlockBase):
+        listed.add("skip_gain")  # SkipInit scalar
+    return listed
 
 
 def is_normalizer_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, TORCH_NORM_TYPES + _registered_norm_types())
+    """Torch's / detectron2's / d2_norms' norm layers, or a module flagged
+    ``d2n_is_normalizer = True`` (how a third-party normalizer opts in)."""
+    return (isinstance(module, TORCH_NORM_TYPES + _d2_norms_norm_types())
+            or bool(getattr(module, "d2n_is_normalizer", False)))
 
 
 def normalizer_parameter_names(model: torch.nn.Module) -> List[str]:
     """Qualified names of every normalizer parameter of ``model`` (see module docstring)."""
     names = []
     for module_name, module in model.named_modules():
-        listed = set(getattr(module, "d2n_norm_params", ()))
+        listed = _listed_norm_params(module)
         whole = is_normalizer_module(module)
         for param_name, _ in module.named_parameters(recurse=False):
             if whole or param_name in listed:
