@@ -265,3 +265,14 @@ def write_matrix(out_dir: str, check: bool = False, **kwargs):
                    and not f.startswith("Base-") and f not in expected)
     changed += [f"{f} (not produced by the generator)" for f in stale]
     return changed
+
+
+# The papers' settings as cells of the matrix above.
+PAPER_TABLES = {
+    # FRN paper Table 6: RetinaNet R101-FPN from scratch, BN / GN / FRN at 8, 4, 2 images per
+    # GPU on 8 GPUs.
+    "frn-table6": [("retinanet", 101, norm, ims, "3x")
+                   for norm in ("BN", "GN", "FRN") for ims in (8, 4, 2)],
+    # GN paper Table 7: Mask R-CNN R50/R101-FPN with GN from scratch, batch 16 (2 per GPU on 8).
+    "gn-table7": [("mask_rcnn", depth, "GN", 2, "3x") for depth in (50, 101)],
+}

@@ -134,3 +134,17 @@ def test_cosine_warmup_follows_half_cosine_then_cosine_decay():
         assert lrs[it] == pytest.approx(ramp, abs=1e-9)
     for it in (100, 500, 999):
         assert lrs[it] == pytest.approx(main(it), rel=1e-6)
+
+
+@pytest.mark.parametrize("table,runs", [("frn-table6", 9), ("gn-table7", 2)])
+def test_reproduce_paper_table_commands(table, runs):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "reproduce.py"), table,
+                          "--dry-run", "--num-gpus", "8"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    train = [line for line in out.stdout.splitlines() if "train_net.py" in line]
+    assert len(train) == runs
+    for line in train:
+        config = line.split("--config-file ")[1].split()[0]
+        assert os.path.isfile(config)
+        assert "--num-gpus 8" in line
+    assert "ap_table.py --paper" in out.stdout
