@@ -1,0 +1,295 @@
+"""Weight-standardized convolutions: WS (for GN+WS) and Scaled WS (NF-ResNets).
+
+* :class:`WSConv2d` - Weight Standardization (Qiao et al., 2019): each output channel's weights
+  are standardized over their fan-in, ``W_hat = (W - mean) / sqrt(var + eps)``, in the forward
+  pass (differentiable), used with GroupNorm ("GNWS").
+* :class:`ScaledStdConv2d` - Scaled WS (Brock et al., ICLR 2021, eq. 3 and sec. 4.4):
+  ``W_hat = g_c * gamma * (W - mean) / (sqrt(var + eps) * sqrt(fan_in))`` with gamma the gain of
+  the nonlinearity that produced the conv's input (:func:`activation_gain`), ``g_c`` a learnable
+  per-output-channel gain (init 1) and a learnable bias added to the output.
+
+Mean and (biased) variance are over ``in_channels/groups * kh * kw`` and computed in float32.
+Both are plain convolutions once the weights are fixed, so :meth:`fold` and
+:func:`fold_weight_standardization` turn them into ordinary convs for inference ("free at
+inference", NF sec. 4.2).
+
+Both classes subclass detectron2's ``Conv2d`` when detectron2 is importable, so they accept its
+``norm=`` and ``activation=`` keywords and apply them after the convolution.
+"""
+import functools
+import math
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # detectron2's Conv2d adds norm/activation keywords and empty-input handling
+    from detectron2.layers import Conv2d as _BaseConv2d
+except ImportError:  # pragma: no cover - d2_norms is a detectron2 plugin; keep layers usable
+    _BaseConv2d = None
+
+__all__ = [
+    "WSConv2d",
+    "ScaledStdConv2d",
+    "standardize_weight",
+    "activation_gain",
+    "fold_weight_standardization",
+    "RELU_GAIN",
+    "WS_EPS",
+]
+
+WS_EPS = 1e-6
+# NF sec. 4.3: Var(relu(x)) = (1/2)(1 - 1/pi) for x ~ N(0, 1); gamma = 1 / sqrt(Var).
+RELU_GAIN = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
+
+
+class _StandardizeWeight(torch.autograd.Function):
+    """``(W - mean) * rsqrt(var + eps) * s`` per row of a 2-D weight; saves W and per-row stats.
+
+    Backward (per row, n = fan-in, w0 = (W - mean) * rstd, gz = grad * s):
+    dW = rstd * (gz - mean(gz) - w0 * mean(gz * w0)),  ds = sum(grad * w0).
+    """
+
+    @staticmethod
+    def forward(ctx, w2, row_scale, eps):
+        acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
+        w = w2.to(acc)
+        mean = w.mean(dim=1, keepdim=True)
+        centered = w - mean
+        var = torch.linalg.vector_norm(centered, 2, dim=1, keepdim=True).square() / w.shape[1]
+        rstd = torch.rsqrt(var + eps)
+        factor = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
+        ctx.save_for_backward(w2, mean, rstd, row_scale)
+        return (centered * factor).to(w2.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        w2, mean, rstd, row_scale = ctx.saved_tensors
+        acc = mean.dtype
+        g = grad.to(acc)
+        w0 = (w2.to(acc) - mean) * rstd
+        d_scale = None
+        if row_scale is not None:
+            if ctx.needs_input_grad[1]:
+                d_scale = (g * w0).sum(dim=1).to(row_scale.dtype)
+            g = g * row_scale.to(acc).view(-1, 1)
+        dw = None
+        if ctx.needs_input_grad[0]:
+            gz_mean = g.mean(dim=1, keepdim=True)
+            proj = (g * w0).mean(dim=1, keepdim=True)
+            dw = ((g - gz_mean - w0 * proj) * rstd).to(w2.dtype)
+        return dw, d_scale, None
+
+
+def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS, gain=None,
+                       scale: float = 1.0) -> torch.Tensor:
+    """``(W - mean) / sqrt(var + eps) * scale * gain`` per output channel over the fan-in.
+
+    ``gain`` is an optional per-output-channel tensor (any shape with ``out`` elements).
+    Statistics in float32 (float64 for float64 weights); the result has the weight's dtype.
+    One autograd op that keeps only W and per-channel mean/rstd for backward.
+    """
+    out_channels = weight.shape[0]
+    row_scale = None
+    if gain is not None:
+        row_scale = gain.reshape(out_channels) * scale
+    elif scale != 1.0:
+        row_scale = torch.full((out_channels,), float(scale), dtype=weight.dtype,
+                               device=weight.device)
+    w2 = weight.reshape(out_channels, -1)
+    return _StandardizeWeight.apply(w2, row_scale, float(eps)).reshape(weight.shape)
+
+
+class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
+    def __init__(self, *args, **kwargs):
+        if _BaseConv2d is None:
+            self._norm = kwargs.pop("norm", None)
+            self._activation = kwargs.pop("activation", None)
+        super().__init__(*args, **kwargs)
+        if _BaseConv2d is None:
+            self.norm, self.activation = self._norm, self._activation
+            del self._norm, self._activation
+
+    def standardized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x):
+        x = F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                     self.dilation, self.groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def fold(self) -> nn.Conv2d:
+        """A plain conv (detectron2 ``Conv2d``) with the standardized weights baked in.
+
+        The result computes the same function with fixed weights (for inference/export); the
+        norm and activation modules are carried over (shared, not copied).
+        """
+        cls = _BaseConv2d if _BaseConv2d is not None else nn.Conv2d
+        kwargs = {}
+        if _BaseConv2d is not None:
+            kwargs = {"norm": self.norm, "activation": self.activation}
+        conv = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                   padding=self.padding, dilation=self.dilation, groups=self.groups,
+                   bias=self.bias is not None, padding_mode=self.padding_mode, **kwargs)
+        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.standardized_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        if _BaseConv2d is None:
+            conv.norm, conv.activation = self.norm, self.activation
+        conv.train(self.training)
+        return conv
+
+
+def _same_padding(kernel_size, dilation):
+    ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    dl = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    return tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
+
+
+class WSConv2d(_Conv2dBase):
+    """Conv2d with Weight Standardization (Qiao et al.): weights standardized over the fan-in.
+
+    Same arguments as ``torch.nn.Conv2d`` (``padding=None`` means "same" for odd kernels), plus
+    ``eps`` (added to the variance, default 1e-6) and detectron2's ``norm=``/``activation=``.
+    Use with GroupNorm for GN+WS. ``bias`` defaults to False (a norm follows).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None,
+                 dilation=1, groups=1, bias=False, *, eps: float = WS_EPS, **kwargs):
+        if padding is None:
+            padding = _same_padding(kernel_size, dilation)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, **kwargs)
+        self.eps = eps
+
+    def standardized_weight(self) -> torch.Tensor:
+        return standardize_weight(self.weight, self.eps)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", eps={self.eps:g}"
+
+
+class ScaledStdConv2d(_Conv2dBase):
+    """Conv2d with Scaled Weight Standardization (NF paper eq. 3, affine gain/bias sec. 4.4).
+
+    Args:
+        gamma: the nonlinearity gain (a float, or an activation name / callable for
+            :func:`activation_gain`, e.g. ``"relu"`` -> sqrt(2 / (1 - 1/pi))); 1.0 when the input
+            does not come from a nonlinearity (e.g. the image).
+        eps: added to the fan-in variance (default 1e-6, as timm's ScaledStdConv2d).
+        gain_init: initial value of the learnable per-output-channel gain.
+        bias: learnable output bias (default True; it is the layer's only shift).
+
+    ``padding=None`` means "same" for odd kernels. Parameters: ``weight``, ``gain``
+    ``(out, 1, 1, 1)``, ``bias``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None,
+                 dilation=1, groups=1, bias=True, *, gamma: Union[float, str, Callable] = 1.0,
+                 eps: float = WS_EPS, gain_init: float = 1.0, **kwargs):
+        if padding is None:
+            padding = _same_padding(kernel_size, dilation)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, **kwargs)
+        self.gamma = float(gamma) if isinstance(gamma, (int, float)) else activation_gain(gamma)
+        self.eps = eps
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), float(gain_init)))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @property
+    def fan_in(self) -> int:
+        return self.weight[0].numel()
+
+    def standardized_weight(self) -> torch.Tensor:
+        # eq. 3: gamma * (W - mu) / (sigma * sqrt(N)), times the learned gain g_c.
+        return standardize_weight(self.weight, self.eps, gain=self.gain,
+                                  scale=self.gamma / math.sqrt(self.fan_in))
+
+    def extra_repr(self):
+        return super().extra_repr() + f", gamma={self.gamma:.6g}, eps={self.eps:g}"
+
+
+def fold_weight_standardization(model: nn.Module) -> nn.Module:
+    """Replace every WSConv2d / ScaledStdConv2d in ``model`` by its folded plain conv, in place.
+
+    Returns ``model`` (or the folded conv when ``model`` itself is one). Use for inference:
+    the outputs are unchanged (up to float rounding) and the per-step standardization is gone.
+    """
+    if isinstance(model, _Conv2dBase):
+        return model.fold()
+    for name, child in list(model.named_children()):
+        if isinstance(child, _Conv2dBase):
+            setattr(model, name, child.fold())
+        else:
+            fold_weight_standardization(child)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Nonlinearity gains (NF sec. 4.3, App. D)
+# ---------------------------------------------------------------------------------------------
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "elu": F.elu,
+    "selu": F.selu,
+    "celu": F.celu,
+    "leaky_relu": F.leaky_relu,
+    "softplus": F.softplus,
+    "mish": F.mish,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "hardtanh": F.hardtanh,
+}
+_IDENTITY = ("identity", "linear", "none", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _numeric_gain(name_or_fn, num_vectors: int, width: int, seed: int) -> float:
+    fn = _ACTIVATIONS[name_or_fn] if isinstance(name_or_fn, str) else name_or_fn
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_vectors, width, generator=gen, dtype=torch.float64)
+    y = fn(x)
+    # App. D: average the empirical variance of each vector, gamma = mean(var)^(-1/2).
+    return float(y.var(dim=1, correction=0).mean().rsqrt())
+
+
+def activation_gain(name: Union[str, Callable], *, num_vectors: int = 1024, width: int = 256,
+                    seed: int = 0) -> float:
+    """Gain gamma making ``Var(W g(x)) = 1`` for ``x ~ N(0, 1)`` (NF sec. 4.3).
+
+    ReLU is analytic, ``sqrt(2 / (1 - 1/pi))`` (about 1.7139); identity/linear is 1. Other
+    nonlinearities (a name from ``activation_gain.names`` or any callable on tensors) are
+    estimated numerically as NF App. D does: draw ``num_vectors`` Gaussian vectors of size
+    ``width``, apply the nonlinearity, take ``mean(var)^(-1/2)``; float64, fixed seed.
+    """
+    if isinstance(name, str):
+        key = name.strip().lower()
+        if key == "relu":
+            return RELU_GAIN
+        if key in _IDENTITY:
+            return 1.0
+        if key not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_gain: unknown nonlinearity {name!r}; known: "
+                f"{', '.join(sorted(_ACTIVATIONS) + list(_IDENTITY[:2]))}, or pass a callable")
+        return _numeric_gain(key, num_vectors, width, seed)
+    if isinstance(name, nn.Module) or callable(name):
+        return _numeric_gain(name, num_vectors, width, seed)
+    raise TypeError(f"activation_gain expects a name or a callable, got {type(name).__name__}")
+
+
+activation_gain.names = tuple(sorted(_ACTIVATIONS))
