@@ -9,6 +9,7 @@ Detectron2's own ``COCOeval_opt`` is never used: it lives in ``detectron2._C``, 
 registry install of detectron2 lacks.
 """
 import contextlib
+import copy
 import importlib.util
 import io
 import logging
@@ -51,7 +52,8 @@ def resolve_backend(name: str) -> str:
         if backend_available(PYCOCOTOOLS):
             logger.warning(
                 "faster-coco-eval is not installed; COCO evaluation falls back to pycocotools "
-                "(same numbers, several times slower). `pip install faster-coco-eval` to speed it up."
+                "(same numbers, several times slower); `pip install faster-coco-eval` to speed it "
+                "up."
             )
             return PYCOCOTOOLS
         raise ImportError(
@@ -82,19 +84,17 @@ def _coco_class(backend: str):
 def load_coco_gt(annotations: Union[str, Mapping], backend: str):
     """Ground truth as the ``COCO`` object of ``backend`` (from a JSON path or a loaded dict).
 
-    A dict is shallow-copied by both libraries' constructors; its annotation dicts are shared, not
-    modified.
+    A dict is deep-copied: both libraries write into the annotation dicts while evaluating
+    (``ignore`` flags, cached RLEs), which must not leak into the caller's data.
     """
     backend = resolve_backend(backend)
     COCO = _coco_class(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         if isinstance(annotations, Mapping):
-            if backend == PYCOCOTOOLS:
-                coco = COCO()
-                coco.dataset = dict(annotations)
-                coco.createIndex()
-                return coco
-            return COCO(dict(annotations))
+            coco = COCO()
+            coco.dataset = copy.deepcopy(dict(annotations))
+            coco.createIndex()
+            return coco
         return COCO(str(annotations))
 
 
@@ -128,11 +128,13 @@ def _check_image_ids(coco_gt, results: Sequence[Mapping]) -> None:
         )
 
 
-def _results_for_task(results: Iterable[Mapping], iou_type: str) -> List[dict]:
+def _results_for_task(results: Iterable[Mapping], iou_type: str, copy_boxes: bool = True
+                      ) -> List[dict]:
     """Per-task copies of the result dicts (both libraries' loadRes write into them).
 
     For masks the box is dropped, as Detectron2 does: with a box present, loadRes would take the
-    box area (not the mask area) for the small/medium/large split.
+    box area (not the mask area) for the small/medium/large split. Boxes are used as they are
+    when ``copy_boxes`` is False (the caller owns the dicts).
     """
     if iou_type == "segm":
         out = []
@@ -146,7 +148,7 @@ def _results_for_task(results: Iterable[Mapping], iou_type: str) -> List[dict]:
             d.pop("bbox", None)
             out.append(d)
         return out
-    return [dict(r) for r in results]
+    return [dict(r) for r in results] if copy_boxes else list(results)
 
 
 def evaluate_coco_results(
@@ -158,11 +160,15 @@ def evaluate_coco_results(
     img_ids: Optional[Sequence[int]] = None,
     max_dets: Sequence[int] = DEFAULT_MAX_DETS,
     num_threads: Optional[int] = None,
+    results_owned: bool = False,
 ) -> CocoEvalOutput:
     """Run COCO evaluation of ``results`` (COCO result-format dicts) against ``coco_gt``.
 
     ``coco_gt`` must be the COCO object of the same backend (see :func:`load_coco_gt`).
     ``num_threads`` bounds faster-coco-eval's mask-IoU thread pool (None: library default).
+    ``results_owned``: the caller lets box evaluation add COCO's bookkeeping keys (area, id,
+    iscrowd; pycocotools also a box polygon) to its dicts instead of copying 100k's of them, as
+    detectron2's COCOEvaluator does; mask evaluation always works on copies.
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
@@ -175,13 +181,15 @@ def evaluate_coco_results(
         nan = {m: float("nan") for m in COCO_METRICS}
         return CocoEvalOutput(iou_type, backend, nan, None, category_ids)
     _check_image_ids(coco_gt, results)
-    task_results = _results_for_task(results, iou_type)
 
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(task_results)
         if backend == FASTER_COCO_EVAL:
             from faster_coco_eval import COCOeval_faster
 
+            if iou_type == "bbox":
+                coco_dt = _faster_bbox_detections(coco_gt, results, results_owned)
+            else:
+                coco_dt = coco_gt.loadRes(_results_for_task(results, iou_type))
             kwargs = {"print_function": logger.debug}
             if num_threads:
                 kwargs["rle_iou_max_workers"] = int(num_threads)
@@ -189,21 +197,75 @@ def evaluate_coco_results(
         else:
             from pycocotools.cocoeval import COCOeval
 
+            coco_dt = coco_gt.loadRes(_results_for_task(results, iou_type, not results_owned))
             coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
         coco_eval.params.maxDets = list(max_dets)
         if img_ids is not None:
             coco_eval.params.imgIds = list(img_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
-        coco_eval.summarize()
 
-    stats = np.asarray(coco_eval.stats, dtype=np.float64)
-    metrics = {
-        name: (float(stats[i]) * 100.0 if stats[i] >= 0 else float("nan"))
-        for i, name in enumerate(COCO_METRICS)
-    }
     precision = np.asarray(coco_eval.eval["precision"])
+    metrics = summarize_precision(precision, coco_eval.params)
     return CocoEvalOutput(iou_type, backend, metrics, precision, list(coco_eval.params.catIds))
+
+
+def _faster_bbox_detections(coco_gt, results: Sequence[Mapping], in_place: bool = False):
+    """faster-coco-eval ``COCO`` of box detections, built in one pass.
+
+    Same content as ``loadRes`` gives for boxes (area = w * h, ids from 1, iscrowd 0) without the
+    polygon it fabricates for every box (unused by box IoU). With ``in_place`` the keys are added
+    to the given dicts, otherwise to copies.
+    """
+    from faster_coco_eval import COCO
+
+    if in_place:
+        anns = results if isinstance(results, list) else list(results)
+        for i, r in enumerate(anns, start=1):
+            bb = r["bbox"]
+            r["area"] = bb[2] * bb[3]
+            r["id"] = i
+            r["iscrowd"] = 0
+    else:
+        anns = []
+        for i, r in enumerate(results, start=1):
+            bb = r["bbox"]
+            anns.append({"image_id": r["image_id"], "category_id": r["category_id"], "bbox": bb,
+                         "score": r["score"], "area": bb[2] * bb[3], "id": i, "iscrowd": 0})
+    dt = COCO()
+    dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": anns,
+                  "categories": copy.deepcopy(coco_gt.dataset["categories"])}
+    dt.createIndex()
+    return dt
+
+
+def summarize_precision(precision: np.ndarray, params) -> Dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl (0-100, NaN for COCO's -1) from COCOeval's precision array.
+
+    The same reduction as COCOeval.summarize (mean over the entries > -1 of precision[T, R, K, A,
+    M] at the largest maxDets), done here so that any maxDets limit works with both libraries
+    (pycocotools' summarize assumes 100). Tests check it against pycocotools' own stats.
+    """
+    iou_thrs = np.asarray(params.iouThrs)
+    area_labels = list(params.areaRngLbl)
+
+    def mean_valid(p: np.ndarray) -> float:
+        p = p[p > -1]
+        return float(np.mean(p)) * 100.0 if p.size else float("nan")
+
+    def at_iou(thr: float) -> np.ndarray:
+        idx = np.flatnonzero(np.isclose(iou_thrs, thr))
+        return precision[idx]
+
+    all_area = area_labels.index("all")
+    out = {
+        "AP": mean_valid(precision[:, :, :, all_area, -1]),
+        "AP50": mean_valid(at_iou(0.5)[:, :, :, all_area, -1]),
+        "AP75": mean_valid(at_iou(0.75)[:, :, :, all_area, -1]),
+    }
+    for name, label in (("APs", "small"), ("APm", "medium"), ("APl", "large")):
+        out[name] = mean_valid(precision[:, :, :, area_labels.index(label), -1])
+    return out
 
 
 def per_category_ap(output: CocoEvalOutput) -> Dict[int, float]:

@@ -37,6 +37,7 @@ class ImageDetections:
     boxes_xyxy: np.ndarray
     scores: np.ndarray
     category_ids: np.ndarray
+    masks: Optional[np.ndarray] = None  # (N, H, W) bool; None: ellipses inscribed in the boxes
 
 
 @dataclass
@@ -49,6 +50,14 @@ class SyntheticCase:
         """Compressed RLE (counts as str) of the ellipse inscribed in each detection box."""
         from pycocotools import mask as mask_util
 
+        if det.masks is not None:
+            if len(det.masks) == 0:
+                return []
+            stack = det.masks.transpose(1, 2, 0).astype(np.uint8)
+            rles = mask_util.encode(np.asfortranarray(stack))
+            for rle in rles:
+                rle["counts"] = rle["counts"].decode("ascii")
+            return rles
         rles = []
         for (x0, y0, x1, y1) in det.boxes_xyxy.tolist():
             poly = _ellipse_polygon(x0, y0, x1 - x0, y1 - y0)
@@ -111,7 +120,8 @@ def make_coco_case(
             {"id": image_id, "height": height, "width": width, "file_name": f"{image_id:06d}.png"}
         )
         n_obj = max(1, int(rng.poisson(objects_per_image)))
-        # Side lengths log-uniform in [6, 300] px: areas span small (< 32^2), medium, large (> 96^2).
+        # Side lengths log-uniform in [6, 300] px: areas span small (< 32^2), medium and large
+        # (> 96^2).
         sides = np.exp(rng.uniform(np.log(6.0), np.log(300.0), size=(n_obj, 1)))
         aspect = np.exp(rng.uniform(-0.5, 0.5, size=(n_obj, 1)))
         wh = np.concatenate([sides * aspect, sides / aspect], axis=1)
@@ -162,7 +172,8 @@ def make_coco_case(
     return case
 
 
-def to_instances(det: ImageDetections, contiguous_id: Dict[int, int], case: Optional[SyntheticCase] = None):
+def to_instances(det: ImageDetections, contiguous_id: Dict[int, int],
+                 case: Optional[SyntheticCase] = None):
     """A detectron2 ``Instances`` (model output format) for one image's detections.
 
     ``contiguous_id`` maps dataset category ids to the model's 0..K-1 class indices. With a case
@@ -176,7 +187,9 @@ def to_instances(det: ImageDetections, contiguous_id: Dict[int, int], case: Opti
     inst.scores = torch.from_numpy(det.scores)
     inst.pred_classes = torch.tensor([contiguous_id[int(c)] for c in det.category_ids],
                                      dtype=torch.int64)
-    if case is not None and case.with_masks:
+    if det.masks is not None:
+        inst.pred_masks = torch.from_numpy(det.masks.astype(bool))
+    elif case is not None and case.with_masks:
         from pycocotools import mask as mask_util
 
         rles = case.mask_rles(det)
@@ -186,3 +199,96 @@ def to_instances(det: ImageDetections, contiguous_id: Dict[int, int], case: Opti
         else:
             inst.pred_masks = torch.zeros((0, det.height, det.width), dtype=torch.bool)
     return inst
+
+
+def predictions_from_ground_truth(gt: Dict, detections_per_image: int = 20, *, seed: int = 0,
+                                  max_shift: float = 0.15) -> SyntheticCase:
+    """Detections with masks for an existing COCO ground truth (e.g. the synthetic shapes val).
+
+    Each object gets one or two copies of its mask shifted by up to ``max_shift`` of its size
+    (15% of them with a wrong class), the rest of the image budget is filled with rectangular
+    false positives; boxes are the tight boxes of the masks. Crowd regions get no copies.
+    """
+    from pycocotools.coco import COCO
+    import contextlib
+    import io
+
+    rng = np.random.default_rng(seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+    cat_ids = np.array(sorted(coco.getCatIds()))
+    case = SyntheticCase(gt=gt, with_masks=True)
+    for img in gt["images"]:
+        h, w = img["height"], img["width"]
+        masks, scores, cats = [], [], []
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])):
+            if ann.get("iscrowd", 0):
+                continue
+            mask = coco.annToMask(ann).astype(bool)
+            bw, bh = ann["bbox"][2], ann["bbox"][3]
+            for _ in range(int(rng.integers(1, 3))):
+                dx = int(round(rng.uniform(-max_shift, max_shift) * bw))
+                dy = int(round(rng.uniform(-max_shift, max_shift) * bh))
+                shifted = np.zeros_like(mask)
+                ys, xs = np.nonzero(mask)
+                ys, xs = ys + dy, xs + dx
+                keep = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+                shifted[ys[keep], xs[keep]] = True
+                if not shifted.any():
+                    continue
+                masks.append(shifted)
+                scores.append(rng.beta(5.0, 2.0))
+                right = rng.uniform() < 0.85
+                cats.append(ann["category_id"] if right else int(rng.choice(cat_ids)))
+        masks, scores, cats = masks[:detections_per_image], scores[:detections_per_image], \
+            cats[:detections_per_image]
+        while len(masks) < detections_per_image:
+            bw, bh = rng.integers(3, max(4, w // 2)), rng.integers(3, max(4, h // 2))
+            x0, y0 = rng.integers(0, w - bw), rng.integers(0, h - bh)
+            m = np.zeros((h, w), dtype=bool)
+            m[y0:y0 + bh, x0:x0 + bw] = True
+            masks.append(m)
+            scores.append(rng.beta(2.0, 5.0))
+            cats.append(int(rng.choice(cat_ids)))
+        stack = np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
+        boxes = np.zeros((len(masks), 4), dtype=np.float32)
+        for i, m in enumerate(masks):
+            ys, xs = np.nonzero(m)
+            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        case.detections.append(ImageDetections(
+            image_id=img["id"], height=h, width=w, boxes_xyxy=boxes[order],
+            scores=np.asarray(scores, dtype=np.float32)[order],
+            category_ids=np.asarray(cats, dtype=np.int64)[order], masks=stack[order]))
+    return case
+
+
+def register_case(case: SyntheticCase, name: str, directory: str) -> str:
+    """Register the case's ground truth as a COCO-format detectron2 dataset ``name``.
+
+    Writes ``directory/<name>.json`` and sets the metadata that ``load_coco_json`` would
+    (thing_classes, thing_dataset_id_to_contiguous_id). Re-registering a name replaces it.
+    Returns the JSON path.
+    """
+    import json
+    import os
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    os.makedirs(directory, exist_ok=True)
+    json_file = os.path.join(directory, f"{name}.json")
+    with open(json_file, "w") as f:
+        json.dump(case.gt, f)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, json_file, directory)
+    cat_ids = sorted(c["id"] for c in case.gt["categories"])
+    MetadataCatalog.get(name).set(
+        thing_classes=[f"class_{c}" for c in cat_ids],
+        thing_dataset_id_to_contiguous_id={c: i for i, c in enumerate(cat_ids)},
+    )
+    return json_file
