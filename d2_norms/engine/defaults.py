@@ -1,26 +1,60 @@
-"""What ``tools/train_net.py`` runs: config set-up, training, evaluation-only, results files."""
+"""What ``tools/train_net.py`` runs: config set-up, input checks, training, evaluation-only,
+results files."""
 import argparse
 import logging
-import os
+import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
-
-from d2_norms.config import add_d2_norms_config
+from detectron2.utils.logger import setup_logger
 
 logger = logging.getLogger("d2_norms")
+
+ALLOW_PARTIAL_HELP = ("evaluate (--eval-only) or resume even if the weights do not match the "
+                      "model: missing parts stay randomly initialised")
+
+
+class _FlagsAnywhereParser(argparse.ArgumentParser):
+    """detectron2's parser takes everything after the first KEY of the config overrides as
+    overrides (argparse.REMAINDER), so ``... MODEL.WEIGHTS x --eval-only`` would silently merge
+    "--eval-only" into the config. Here the parser's own options are recognised wherever they
+    appear (config keys and values never look like ``--resume``)."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        opts, rest = list(ns.opts or []), []
+        i = 0
+        while i < len(opts):
+            action = self._option_string_actions.get(opts[i])
+            if action is None or action.dest in ("help", "opts"):
+                rest.append(opts[i])
+                i += 1
+                continue
+            if action.nargs == 0:  # store_true flags
+                setattr(ns, action.dest, action.const)
+                i += 1
+            else:
+                if i + 1 >= len(opts):
+                    self.error(f"argument {opts[i]}: expected one argument")
+                value = opts[i + 1]
+                setattr(ns, action.dest, action.type(value) if action.type else value)
+                i += 2
+        ns.opts = rest
+        return ns
 
 
 def argument_parser(epilog=None) -> argparse.ArgumentParser:
     """detectron2's CLI (--config-file, --num-gpus, --num-machines, --machine-rank, --dist-url,
-    --resume, --eval-only, opts); ``--num-gpus`` means processes on CPU."""
+    --resume, --eval-only, opts) plus --allow-partial-weights; ``--num-gpus`` means processes on
+    CPU."""
     parser = default_argument_parser(epilog)
+    parser.__class__ = _FlagsAnywhereParser
     for action in parser._actions:
         if action.dest == "num_gpus":
             action.help = ("number of processes per machine: one per GPU with CUDA (NCCL), "
                            "CPU processes joined with gloo otherwise")
+    parser.add_argument("--allow-partial-weights", action="store_true", help=ALLOW_PARTIAL_HELP)
     return parser
 
 
@@ -32,39 +66,100 @@ def resolve_device(cfg) -> None:
 
 
 def setup_cfg(args, *, log: bool = True):
-    """Build the frozen config from ``--config-file`` and ``opts``; run detectron2's
-    default_setup (logger, config.yaml in OUTPUT_DIR, seeds) when ``log``."""
-    cfg = get_cfg()
-    add_d2_norms_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    """Build the frozen config from ``--config-file`` and ``opts`` (a key typo raises
+    ConfigKeyError naming the file and close keys); run detectron2's default_setup (logger,
+    config.yaml in OUTPUT_DIR, seeds) when ``log``."""
+    from .preflight import load_config
+
+    cfg = load_config(args.config_file, list(args.opts))
     resolve_device(cfg)
     cfg.freeze()
     if log:
         default_setup(cfg, args)
+        # d2_norms' own messages (resume, checks, data order) to the console and log.txt too
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_norms",
+                     abbrev_name="d2n")
     return cfg
+
+
+def preflight(args, world_size: int):
+    """Every check that can fail on bad input, before worker processes start and before
+    anything is written to OUTPUT_DIR. Returns the config."""
+    from d2_norms.data import check_datasets
+
+    from .preflight import (check_batch_split, check_model_builds, check_weights_file,
+                            eval_weights_path, last_checkpoint_path)
+
+    cfg = setup_cfg(args, log=False)
+    if not args.eval_only:
+        check_batch_split(cfg, world_size)
+        check_datasets(cfg, deep=True)
+    else:
+        test_only = cfg.clone()  # evaluation needs only the test sets
+        test_only.defrost()
+        test_only.DATASETS.TRAIN = ()
+        check_datasets(test_only, deep=True)
+    shapes = check_model_builds(cfg, args.config_file)
+    allow = getattr(args, "allow_partial_weights", False)
+    override = ("(--allow-partial-weights " + ("evaluates" if args.eval_only else "resumes")
+                + " anyway.)")
+    if args.eval_only:
+        weights = eval_weights_path(cfg, args.resume)
+        if not weights:
+            from .errors import WeightsMismatchError
+
+            raise WeightsMismatchError(
+                "--eval-only needs weights: set MODEL.WEIGHTS to a checkpoint (e.g. "
+                "OUTPUT_DIR/model_final.pth of a training run), or pass --resume with the run's "
+                "OUTPUT_DIR; evaluating a randomly initialised model is refused.")
+        if shapes is not None:
+            check_weights_file(cfg, weights, shapes, action="evaluate",
+                               config_file=args.config_file, allow_partial=allow,
+                               override=override)
+    elif args.resume and shapes is not None:
+        path = last_checkpoint_path(cfg.OUTPUT_DIR)
+        if path:
+            check_weights_file(cfg, path, shapes, action="resume", config_file=args.config_file,
+                               allow_partial=allow, override=override)
+    return cfg
+
+
+def _evaluate_only(cfg, args):
+    from d2_norms.engine.trainer import Trainer
+    from d2_norms.evaluation import save_results
+
+    from .checkpoint import AtomicCheckpointer
+    from .preflight import check_weights_file, eval_weights_path
+
+    model = Trainer.build_model(cfg)
+    weights = eval_weights_path(cfg, args.resume)
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    checkpointer.preloaded = (weights, check_weights_file(
+        cfg, weights, shapes, action="evaluate", config_file=args.config_file,
+        allow_partial=getattr(args, "allow_partial_weights", False)))
+    checkpointer.load(weights)
+    results = Trainer.test(cfg, model)
+    if comm.is_main_process():
+        save_results(cfg.OUTPUT_DIR, results, cfg, iteration=None,
+                     dataset_name=",".join(cfg.DATASETS.TEST))
+    return results
 
 
 def main(args):
     """Entry point run in every process by ``launch``."""
     from d2_norms.engine.trainer import Trainer
-    from d2_norms.evaluation import save_results, write_run_status
-    from detectron2.checkpoint import DetectionCheckpointer
+    from d2_norms.evaluation import write_run_status
 
+    if not getattr(args, "preflight_done", False):
+        preflight(args, comm.get_world_size())
     cfg = setup_cfg(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            save_results(cfg.OUTPUT_DIR, results, cfg, iteration=None,
-                         dataset_name=",".join(cfg.DATASETS.TEST))
-        return results
+        return _evaluate_only(cfg, args)
 
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    trainer.resume_or_load(resume=args.resume,
+                           allow_partial=getattr(args, "allow_partial_weights", False))
     if comm.is_main_process():
         write_run_status(cfg.OUTPUT_DIR, "running", start_iter=trainer.start_iter,
                          max_iter=trainer.max_iter)
@@ -76,6 +171,8 @@ def main(args):
                              error=f"{type(e).__name__}: {e}")
         raise
     if comm.is_main_process():
+        from d2_norms.evaluation import save_results
+
         if results:
             save_results(cfg.OUTPUT_DIR, results, cfg, iteration=trainer.max_iter,
                          dataset_name=",".join(cfg.DATASETS.TEST))
@@ -84,9 +181,21 @@ def main(args):
 
 
 def run_cli(argv=None):
+    """Parse, check the input (once, before any process starts or file is written), launch."""
     from d2_norms.engine.launch import launch
+
+    from .errors import NonFiniteLossError, NonFiniteWeightsError, user_error_types
 
     args = argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        preflight(args, args.num_gpus * args.num_machines)
+        args.preflight_done = True
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except user_error_types() as e:
+        # Input mistakes and a diverged run: the message says what to do; the traceback (in
+        # log.txt for a training run) would only hide it.
+        diverged = isinstance(e, (NonFiniteLossError, NonFiniteWeightsError))
+        print(f"\nERROR ({type(e).__name__}): {e}", file=sys.stderr)
+        sys.exit(1 if diverged else 2)

@@ -1,10 +1,10 @@
 """FPN on the d2_norms ResNets, with ``MODEL.FPN.NORM`` taken from the d2_norms registry.
 
 ``NormFPN`` keeps detectron2's FPN forward pass, feature names (p2..p7), strides, channels and
-parameter names (``fpn_lateral{k}``, ``fpn_output{k}``, ``top_block.p6/p7``); only the convs
-differ: their type follows the norm (GNWS -> WS conv) and ``MODEL.FPN.NORM: "NF"`` gives
-Scaled-WS convs (gain 1: the FPN is linear) with a bias and no activation normalization.
-``""`` (detectron2's default, also for NF backbones) gives plain convs with a bias.
+parameter names (``fpn_lateral{k}``, ``fpn_output{k}``, their ``.norm``, ``top_block.p6/p7``);
+the convs are built for the norm by construction: GNWS -> WS conv, ``MODEL.FPN.NORM: "NF"`` ->
+Scaled-WS convs (gain 1: the FPN is linear) with a bias and no activation normalization,
+``""`` (detectron2's default, also the default for NF backbones) -> plain convs with a bias.
 
 The RetinaNet P6/P7 block puts the activation paired with ``MODEL.FPN.NORM`` between P6 and P7
 (TLU for FRN, ReLU otherwise), so an FRN model has no ReLU left in its backbone.
@@ -14,53 +14,49 @@ import math
 import fvcore.nn.weight_init as weight_init
 from torch import nn
 
-from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, _assert_strides_are_log2_contiguous
 
+from d2_norms import layers as _L
+
 from . import _layers
 from .config import NF_NORM
-from .resnet import ConvNorm
 
 __all__ = ["NormFPN", "NormLastLevelP6P7", "fpn_conv"]
 
 
 def fpn_conv(norm: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-             *, gain: float = 1.0) -> nn.Module:
-    """One FPN conv with ``norm`` (no activation: the FPN is linear, as in detectron2).
+             *, input_activation=None) -> nn.Module:
+    """One FPN conv with ``norm`` attached and no activation (the FPN is linear, as in d2).
 
-    ``gain`` is used only for ``norm == "NF"`` (Scaled WS): 1 for a linear input, the
-    activation's gain when the conv follows a nonlinearity (P7 after P6).
+    The conv type follows the norm (``d2_norms.layers.make_conv``): plain conv (bias only
+    without a norm), WS conv for GNWS, Scaled WS with its own gain and bias for "NF" (gamma 1
+    for a linear input; ``input_activation`` names the nonlinearity feeding the conv, if any).
+    Weights start as detectron2's FPN (``c2_xavier_fill``).
     """
-    padding = kernel_size // 2
-    if norm == NF_NORM:
-        return _layers.scaled_ws_conv(in_channels, out_channels, kernel_size, stride=stride,
-                                      padding=padding, bias=True, gamma=gain)
-    if not norm:
-        conv = Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                      bias=True)
-        weight_init.c2_xavier_fill(conv)
-        return conv
-    conv = _layers.conv_class(norm)(in_channels, out_channels, kernel_size, stride=stride,
-                                    padding=padding, bias=False)
+    conv = _L.make_conv(in_channels, out_channels, kernel_size, norm=norm, stride=stride,
+                        padding=kernel_size // 2, input_activation=input_activation)
     weight_init.c2_xavier_fill(conv)
-    return ConvNorm(conv, _layers.norm_act(norm, out_channels, apply_act=False))
+    return conv
 
 
 class NormLastLevelP6P7(nn.Module):
-    """RetinaNet's P6 = conv3x3/2(C5 or P5), P7 = conv3x3/2(act(P6)) with a registry activation."""
+    """RetinaNet's P6 = conv3x3/2(C5), P7 = conv3x3/2(act(P6)), act paired with FPN.NORM.
+
+    No norm on P6/P7 (as detectron2 / the RetinaNet paper); with FPN.NORM "NF" the two convs
+    are Scaled WS. The activation is the one paired with ``norm`` (TLU for FRN, else ReLU), so
+    an FRN model has no ReLU in its backbone. Parameter names match detectron2's block.
+    """
 
     def __init__(self, in_channels, out_channels, in_feature="res5", norm=""):
         super().__init__()
         self.num_levels = 2
         self.in_feature = in_feature
-        # No norm on P6/P7 (detectron2 / RetinaNet paper); "NF" still means Scaled-WS convs.
         conv_norm = NF_NORM if norm == NF_NORM else ""
-        act_norm = "" if norm == NF_NORM else norm
-        self.p6 = fpn_conv(conv_norm, in_channels, out_channels, 3, stride=2, gain=1.0)
-        self.act = _layers.activation(act_norm, out_channels)
+        self.p6 = fpn_conv(conv_norm, in_channels, out_channels, 3, stride=2)
+        self.act = _layers.norm_activation(norm, out_channels)
         self.p7 = fpn_conv(conv_norm, out_channels, out_channels, 3, stride=2,
-                           gain=_layers.activation_gain("relu"))
+                           input_activation="relu")
 
     def forward(self, x):
         p6 = self.p6(x)

@@ -55,10 +55,15 @@ class _NFConvFactory:
                  groups=1, after_activation=True):
         if self.scaled_ws:
             gain = self.act_gain if after_activation else 1.0
-            return _layers.scaled_ws_conv(
+            conv = _layers.scaled_ws_conv(
                 in_ch, out_ch, kernel_size, stride=stride, padding=padding, dilation=dilation,
                 groups=groups, bias=True, gamma=gain,
             )
+            # Gaussian underlying weights (sec. 4.2), variance 1/fan_in as the paper's code;
+            # the standardization makes the scale irrelevant to the forward pass.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
+            nn.init.zeros_(conv.bias)
+            return conv
         conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=True)
         # He et al. 2015 (fan_in keeps the forward variance, the quantity SPPs look at).

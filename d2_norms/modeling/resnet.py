@@ -13,7 +13,7 @@ The stages are put together by detectron2's own ``ResNet`` class, so ``OUT_FEATU
 ``FREEZE_AT`` (FrozenBN conversion, requires_grad off) and ``output_shape`` behave exactly as
 in detectron2.
 """
-from typing import List, Optional
+from typing import List
 
 import fvcore.nn.weight_init as weight_init
 from torch import nn
@@ -25,7 +25,6 @@ from detectron2.modeling.backbone.resnet import ResNet
 from . import _layers
 
 __all__ = [
-    "ConvNorm",
     "NormBasicBlock",
     "NormBottleneckBlock",
     "NormStem",
@@ -43,67 +42,63 @@ NUM_BLOCKS_PER_STAGE = {
 }
 
 
-class ConvNorm(nn.Module):
-    """A conv followed by a norm (no activation): the projection shortcut."""
-
-    def __init__(self, conv: nn.Module, norm: nn.Module):
-        super().__init__()
-        self.conv = conv
-        self.norm = norm
-
-    def forward(self, x):
-        return self.norm(self.conv(x))
-
-
 def _he_init(conv: nn.Module) -> None:
     # detectron2's c2_msra_fill: He et al. 2015 normal init (fan_out, ReLU gain), bias 0.
     weight_init.c2_msra_fill(conv)
 
 
-def _zero_init_branch_end(norm: nn.Module, conv: nn.Module) -> None:
+def _zero_init_branch_end(conv: nn.Module) -> None:
     """Make the residual branch output 0 at init: gamma of its last norm, else the conv."""
-    scale = _layers.norm_scale_parameter(norm)
+    scale = _layers.norm_scale_parameter(conv)
     if scale is not None:
         nn.init.zeros_(scale)
-    else:  # norm "" has no gamma: the branch's last conv is the only way to zero the branch
+    else:  # norm "" has no gamma: zeroing the branch's last conv is the only way
         nn.init.zeros_(conv.weight)
 
 
+def _shortcut(in_channels, out_channels, stride, norm):
+    """Projection shortcut (1x1 conv + norm, no activation) when the shape changes."""
+    if in_channels == out_channels and stride == 1:
+        return None
+    conv = _layers.conv_norm_act(in_channels, out_channels, 1, norm=norm, stride=stride,
+                                 apply_act=False)
+    _he_init(conv)
+    return conv
+
+
 class NormBasicBlock(CNNBlockBase):
-    """Two 3x3 convs (ResNet-18/34) with registry norms and their paired activation."""
+    """Two 3x3 convs (ResNet-18/34) with registry norms and their paired activation.
+
+    Same structure and parameter names as detectron2's ``BasicBlock``; the activations are the
+    norm's (``conv1.activation`` or the fused ``conv1.norm``, and ``act`` after the add).
+    """
 
     def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", zero_init_residual=False):
         super().__init__(in_channels, out_channels, stride)
-        conv = _layers.conv_class(norm)
-        if in_channels != out_channels or stride != 1:
-            self.shortcut = ConvNorm(
-                conv(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                _layers.norm_act(norm, out_channels, apply_act=False),
-            )
-            _he_init(self.shortcut.conv)
-        else:
-            self.shortcut = None
-        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = _layers.norm_act(norm, out_channels, apply_act=True)
-        self.conv2 = conv(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
-        self.norm2 = _layers.norm_act(norm, out_channels, apply_act=False)
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
+        self.conv1 = _layers.conv_norm_act(in_channels, out_channels, 3, norm=norm,
+                                           stride=stride, padding=1)
+        self.conv2 = _layers.conv_norm_act(out_channels, out_channels, 3, norm=norm, padding=1,
+                                           apply_act=False)
         # Marks the end of the residual branch (before the add) for Signal Propagation Plots.
         self.branch_out = nn.Identity()
-        self.act = _layers.activation(norm, out_channels)
+        self.act = _layers.norm_activation(norm, out_channels)
         for c in (self.conv1, self.conv2):
             _he_init(c)
         if zero_init_residual:
-            _zero_init_branch_end(self.norm2, self.conv2)
+            _zero_init_branch_end(self.conv2)
 
     def forward(self, x):
-        out = self.norm1(self.conv1(x))
-        out = self.branch_out(self.norm2(self.conv2(out)))
+        out = self.branch_out(self.conv2(self.conv1(x)))
         shortcut = x if self.shortcut is None else self.shortcut(x)
         return self.act(out + shortcut)
 
 
 class NormBottleneckBlock(CNNBlockBase):
-    """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50/101/152, ResNeXt) with registry norms."""
+    """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50/101/152, ResNeXt) with registry norms.
+
+    Same structure and parameter names as detectron2's ``BottleneckBlock``.
+    """
 
     def __init__(
         self,
@@ -119,61 +114,41 @@ class NormBottleneckBlock(CNNBlockBase):
         zero_init_residual=False,
     ):
         super().__init__(in_channels, out_channels, stride)
-        conv = _layers.conv_class(norm)
-        if in_channels != out_channels or stride != 1:
-            self.shortcut = ConvNorm(
-                conv(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                _layers.norm_act(norm, out_channels, apply_act=False),
-            )
-            _he_init(self.shortcut.conv)
-        else:
-            self.shortcut = None
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         # MSRA's original models stride in the 1x1, fb.torch / Caffe2 ResNeXt in the 3x3.
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv(in_channels, bottleneck_channels, 1, stride=stride_1x1, bias=False)
-        self.norm1 = _layers.norm_act(norm, bottleneck_channels, apply_act=True)
-        self.conv2 = conv(
-            bottleneck_channels,
-            bottleneck_channels,
-            3,
-            stride=stride_3x3,
-            padding=dilation,
-            dilation=dilation,
-            groups=num_groups,
-            bias=False,
-        )
-        self.norm2 = _layers.norm_act(norm, bottleneck_channels, apply_act=True)
-        self.conv3 = conv(bottleneck_channels, out_channels, 1, bias=False)
-        self.norm3 = _layers.norm_act(norm, out_channels, apply_act=False)
+        self.conv1 = _layers.conv_norm_act(in_channels, bottleneck_channels, 1, norm=norm,
+                                           stride=stride_1x1)
+        self.conv2 = _layers.conv_norm_act(bottleneck_channels, bottleneck_channels, 3,
+                                           norm=norm, stride=stride_3x3, padding=dilation,
+                                           dilation=dilation, groups=num_groups)
+        self.conv3 = _layers.conv_norm_act(bottleneck_channels, out_channels, 1, norm=norm,
+                                           apply_act=False)
         self.branch_out = nn.Identity()
-        self.act = _layers.activation(norm, out_channels)
+        self.act = _layers.norm_activation(norm, out_channels)
         for c in (self.conv1, self.conv2, self.conv3):
             _he_init(c)
         if zero_init_residual:
-            _zero_init_branch_end(self.norm3, self.conv3)
+            _zero_init_branch_end(self.conv3)
 
     def forward(self, x):
-        out = self.norm1(self.conv1(x))
-        out = self.norm2(self.conv2(out))
-        out = self.branch_out(self.norm3(self.conv3(out)))
+        out = self.branch_out(self.conv3(self.conv2(self.conv1(x))))
         shortcut = x if self.shortcut is None else self.shortcut(x)
         return self.act(out + shortcut)
 
 
 class NormStem(CNNBlockBase):
-    """7x7/2 conv, norm + paired activation, 3x3/2 max pool (stride 4, as detectron2's)."""
+    """7x7/2 conv with norm + paired activation, 3x3/2 max pool (detectron2's BasicStem)."""
 
     def __init__(self, in_channels=3, out_channels=64, norm="BN"):
         super().__init__(in_channels, out_channels, 4)
         self.in_channels = in_channels
-        conv = _layers.conv_class(norm)
-        self.conv1 = conv(in_channels, out_channels, 7, stride=2, padding=3, bias=False)
-        self.norm1 = _layers.norm_act(norm, out_channels, apply_act=True)
+        self.conv1 = _layers.conv_norm_act(in_channels, out_channels, 7, norm=norm, stride=2,
+                                           padding=3, input_activation=None)
         _he_init(self.conv1)
 
     def forward(self, x):
-        x = self.norm1(self.conv1(x))
-        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
 
 
 def check_resnet_cfg(cfg) -> None:

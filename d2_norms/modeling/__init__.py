@@ -1,0 +1,35 @@
+"""d2_norms backbones, registered in detectron2's ``BACKBONE_REGISTRY`` on import.
+
+* ``build_d2n_resnet_backbone`` - ResNet-18/34/50/101/152 with any registry norm and its paired
+  activation (FRN -> TLU everywhere), or the NF-ResNet with ``MODEL.RESNETS.NORM: "NF"``;
+* ``build_d2n_resnet_fpn_backbone`` - + FPN P2-P6 (Mask R-CNN);
+* ``build_d2n_retinanet_resnet_fpn_backbone`` - + FPN P3-P7 (RetinaNet).
+
+Config keys: :func:`add_backbone_config` (``MODEL.D2NORMS.*``); see docs/backbones.md.
+Signal Propagation Plots: :mod:`d2_norms.modeling.spp` and ``tools/spp.py``.
+"""
+from .backbone import (build_d2n_resnet_backbone, build_d2n_resnet_fpn_backbone,
+                       build_d2n_retinanet_resnet_fpn_backbone)
+from .config import NF_NORM, add_backbone_config
+from .fpn import NormFPN, NormLastLevelP6P7
+from .nf_resnet import NFBasicBlock, NFBottleneckBlock, NFStem, build_nf_resnet, nf_betas
+from .resnet import NormBasicBlock, NormBottleneckBlock, NormStem, build_norm_resnet
+
+__all__ = [
+    "add_backbone_config",
+    "NF_NORM",
+    "build_d2n_resnet_backbone",
+    "build_d2n_resnet_fpn_backbone",
+    "build_d2n_retinanet_resnet_fpn_backbone",
+    "build_norm_resnet",
+    "build_nf_resnet",
+    "nf_betas",
+    "NormBasicBlock",
+    "NormBottleneckBlock",
+    "NormStem",
+    "NFBasicBlock",
+    "NFBottleneckBlock",
+    "NFStem",
+    "NormFPN",
+    "NormLastLevelP6P7",
+]

@@ -1,0 +1,164 @@
+"""For real, through tools/train_net.py on the tiny synthetic set: a run SIGKILLed after a
+checkpoint and resumed with --resume ends with bitwise the same weights and optimizer state as an
+uninterrupted run (loader workers or not), and a diverging run stops with its iteration, losses
+and remedies without touching the last good checkpoint."""
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+CONFIG = os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml")
+TINY = ["DATASETS.TRAIN", "('synthetic_shapes_tiny_train',)",
+        "DATASETS.TEST", "('synthetic_shapes_tiny_val',)",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.RPN.POST_NMS_TOPK_TEST", "100"]
+RUN = ["SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "3"]
+# Same thread count in every run: CPU reductions are deterministic for a fixed thread count.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+pytestmark = pytest.mark.slow
+
+
+def command(out_dir, workers, *extra, resume=False):
+    return ([sys.executable, TRAIN_NET, "--config-file", CONFIG] + (["--resume"] if resume else [])
+            + TINY + RUN + ["DATALOADER.NUM_WORKERS", str(workers), *extra,
+                            "OUTPUT_DIR", str(out_dir)])
+
+
+def run(cmd, expect=0, timeout=900):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def start_and_kill(out_dir, workers, after_checkpoint):
+    """Start training, SIGKILL it as soon as last_checkpoint names ``after_checkpoint`` or a
+    later one; returns the iteration of the checkpoint it will resume from."""
+    proc = subprocess.Popen(command(out_dir, workers), env=ENV, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = os.path.join(out_dir, "last_checkpoint")
+    deadline = time.time() + 600
+    try:
+        while True:
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline
+            if os.path.exists(pointer) and open(pointer).read() >= after_checkpoint:
+                break
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    name = open(pointer).read()
+    assert "model_final.pth" not in os.listdir(out_dir)
+    return int(re.match(r"model_(\d+)\.pth", name).group(1))
+
+
+def final_state(out_dir):
+    ckpt = torch.load(os.path.join(out_dir, "model_final.pth"), weights_only=True)
+    return ckpt["model"], ckpt["trainer"]
+
+
+def assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def metrics_iterations(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [json.loads(line)["iteration"] for line in f if '"total_loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(command(out, 0))
+    return out
+
+
+@pytest.mark.parametrize("workers,kill_after", [(2, "model_0000002.pth"),
+                                                (0, "model_0000005.pth")])
+def test_killed_and_resumed_run_ends_bitwise_identical(uninterrupted, tmp_path, workers,
+                                                       kill_after):
+    resumed = tmp_path / "resumed"
+    resume_from = start_and_kill(resumed, workers, kill_after)
+    out = run(command(resumed, workers, resume=True))
+    log = out.stdout + out.stderr
+    assert f"Starting training from iteration {resume_from + 1}" in log
+    assert max(metrics_iterations(resumed)) == 9
+
+    model_a, trainer_a = final_state(uninterrupted)
+    model_b, trainer_b = final_state(resumed)
+    assert_bitwise_equal(model_a, model_b, "model")
+    # optimizer (momentum buffers, lr of every group), scheduler and iteration as well
+    assert_bitwise_equal(trainer_a["_trainer"]["optimizer"], trainer_b["_trainer"]["optimizer"],
+                         "optimizer")
+    assert trainer_a["hooks"] == trainer_b["hooks"] and trainer_b["iteration"] == 9
+    with open(uninterrupted / "results.json") as f, open(resumed / "results.json") as g:
+        ra, rb = json.load(f)["evaluations"], json.load(g)["evaluations"]
+        assert {k: v["metrics"] for k, v in ra.items()} == {k: v["metrics"] for k, v in rb.items()}
+    with open(resumed / "run_status.json") as f:
+        assert json.load(f)["state"] == "finished"
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_diverging_run_stops_with_iteration_losses_remedies_and_keeps_good_checkpoints(tmp_path):
+    good = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
+            "DATASETS.TEST", "()"]
+    run(command(tmp_path, 0, *good))
+    before = {n: sha(tmp_path / n) for n in os.listdir(tmp_path) if n.endswith(".pth")}
+    assert set(before) == {"model_0000001.pth", "model_0000003.pth", "model_final.pth"}
+
+    # continue with an absurd learning rate, a checkpoint after every step
+    bad = ["SOLVER.MAX_ITER", "30", "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.BASE_LR", "1e6",
+           "SOLVER.WARMUP_ITERS", "0", "DATASETS.TEST", "()"]
+    out = run(command(tmp_path, 0, *bad, resume=True), expect=1)
+    err = out.stderr
+    match = re.search(r"non-finite (?:values )?at iteration (\d+) \(of 30\)", err)
+    assert match, err[-4000:]
+    failed_at = int(match.group(1))
+    assert "Losses" in err and "loss_cls=" in err
+    for remedy in ("SOLVER.WARMUP_ITERS", "SOLVER.BASE_LR (now 1e+06)", "FRN_LEPS",
+                   "SOLVER.CLIP_GRADIENTS.ENABLED"):
+        assert remedy in err
+    assert "Traceback" not in err.split("ERROR (NonFiniteLossError)")[1]
+
+    with open(tmp_path / "run_status.json") as f:
+        status = json.load(f)
+    assert status["state"] == "failed" and "NonFiniteLossError" in status["error"]
+    assert status["iteration"] == failed_at
+    # earlier checkpoints are byte-for-byte untouched
+    assert {n: sha(tmp_path / n) for n in before} == before
+    # no checkpoint from the failed step or later; every checkpoint holds finite weights
+    iters = sorted(int(m.group(1)) for n in os.listdir(tmp_path)
+                   if (m := re.match(r"model_(\d+)\.pth$", n)))
+    assert iters and max(iters) < failed_at
+    for n in os.listdir(tmp_path):
+        if n.endswith(".pth"):
+            state = torch.load(tmp_path / n, weights_only=True)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert (tmp_path / "last_checkpoint").read_text() == f"model_{max(iters):07d}.pth"
+    assert f"model_{max(iters):07d}.pth" in err  # the message names the last good checkpoint
