@@ -46,7 +46,8 @@ def _heads_norm(norm):
     return "" if norm in ("", "NF") else norm
 
 
-def detector_cfg(tmp_path, detector, norm, depth=18, fpn_norm=None, extra_yaml=""):
+def detector_cfg(tmp_path, detector, norm, depth=18, fpn_norm=None, head_norm=None,
+                 extra_yaml=""):
     """A detectron2 cfg built the way users do: repo base YAML + a d2_norms YAML file."""
     cfg = get_cfg()
     add_backbone_config(cfg)
@@ -55,7 +56,7 @@ def detector_cfg(tmp_path, detector, norm, depth=18, fpn_norm=None, extra_yaml="
     backbone = ("build_d2n_retinanet_resnet_fpn_backbone" if detector == "retinanet"
                 else "build_d2n_resnet_fpn_backbone")
     fpn_norm = _heads_norm(norm) if fpn_norm is None else fpn_norm
-    head = _heads_norm(norm)
+    head = _heads_norm(norm) if head_norm is None else head_norm
     heads_yaml = (f"  RETINANET: {{NORM: \"{head}\", NUM_CLASSES: 3, NUM_CONVS: 2}}\n"
                   if detector == "retinanet" else
                   f"  MASK_ON: True\n"
@@ -113,8 +114,9 @@ def test_detector_builds_and_trains_one_step(tmp_path, detector, norm, depth):
     cfg = detector_cfg(tmp_path, detector, norm, depth)
     model = build_model(cfg)
     backbone = model.backbone
-    block_type = NFBasicBlock if (norm == "NF" and depth < 50) else (
-        NFBottleneckBlock if norm == "NF" else (NormBasicBlock if depth < 50 else NormBottleneckBlock))
+    block_type = {(True, True): NFBasicBlock, (True, False): NFBottleneckBlock,
+                  (False, True): NormBasicBlock, (False, False): NormBottleneckBlock}[
+        (norm == "NF", depth < 50)]
     assert isinstance(backbone, NormFPN) and isinstance(backbone.bottom_up.res3[0], block_type)
 
     # Feature names, strides and channels as detectron2's FPN builders give them.
@@ -126,19 +128,31 @@ def test_detector_builds_and_trains_one_step(tmp_path, detector, norm, depth):
     for name, mult, stride in (("res3", 2, 8), ("res4", 4, 16), ("res5", 8, 32)):
         assert bottom[name].stride == stride and bottom[name].channels == c2 * mult
 
-    # One forward/backward at 96 px: every loss finite, every backbone gradient finite.
-    model.train()
-    with EventStorage(0):
-        losses = model(batched_inputs())
-    total = sum(losses.values())
-    assert all(torch.isfinite(v) for v in losses.values()), losses
-    total.backward()
-    grads = [p.grad for p in backbone.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    _one_training_step(model)
     # Real outputs at the feature sizes the strides promise (96 px input, padded to 96/128).
     feats = backbone(torch.randn(1, 3, 128, 128))
     for name, stride in EXPECTED_LEVELS[detector].items():
         assert feats[name].shape == (1, FPN_CHANNELS, max(1, 128 // stride), max(1, 128 // stride))
+
+
+def _one_training_step(model):
+    """One forward/backward at 96 px: every loss finite, every backbone gradient finite."""
+    model.train()
+    with EventStorage(0):
+        losses = model(batched_inputs())
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_nf_detector_with_scaled_ws_fpn_and_heads(tmp_path, detector):
+    # The optional "NF" (Scaled WS, no statistics) in MODEL.FPN.NORM and the head norms.
+    torch.manual_seed(0)
+    model = build_model(detector_cfg(tmp_path, detector, "NF", 18, fpn_norm="NF", head_norm="NF"))
+    assert isinstance(model.backbone.fpn_output5, L.ScaledStdConv2d)
+    _one_training_step(model)
 
 
 @pytest.mark.parametrize("depth", [34, 101])
@@ -304,7 +318,8 @@ PARITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", PARITY_CASES,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_bn_resnet_matches_detectron2(case):
     case = dict(case)
     cfg = _plain_cfg("BN", depth=case.pop("depth"))

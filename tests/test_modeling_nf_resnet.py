@@ -8,7 +8,8 @@ from torch import nn
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.modeling import NFBasicBlock, NFBottleneckBlock, add_backbone_config, build_d2n_resnet_backbone, nf_betas
+from d2_norms.modeling import (NFBasicBlock, NFBottleneckBlock, add_backbone_config,
+                               build_d2n_resnet_backbone, nf_betas)
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 

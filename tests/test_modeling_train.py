@@ -1,5 +1,6 @@
-"""End-to-end: every normalizer x detector trains 30 iterations on the synthetic shapes set with a
-decreasing loss (R18-FPN, 64 px images, detectron2's SimpleTrainer, CPU)."""
+"""End-to-end: d2_norms backbones train 30 iterations on the synthetic shapes set and the loss
+decreases (R18-FPN, 64 px images, detectron2's SimpleTrainer, CPU). Every normalizer trains;
+each detector with three of them (all ten pairs with D2_NORMS_FULL_TRAIN_MATRIX=1)."""
 import os
 
 import numpy as np
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True, scope="module")
 def _setup():
-    pytest.importorskip("d2_norms.data")  # registers the synthetic sets
+    import d2_norms.data  # noqa: F401  (registers the synthetic sets)
     from detectron2.data import DatasetCatalog
 
     assert TRAIN_SET in DatasetCatalog.list()
@@ -42,7 +43,10 @@ def train_cfg(detector, norm):
     add_backbone_config(cfg)
     base = "Base-RetinaNet.yaml" if detector == "retinanet" else "Base-RCNN-FPN.yaml"
     cfg.merge_from_file(os.path.join(REPO, "configs", base))
-    head = "" if norm == "NF" else norm
+    # NF models: Scaled-WS convs (no activation normalization) in the FPN and heads too. With
+    # detectron2's plain "" RetinaNet head (convs initialised with std 0.01) the NF RetinaNet's
+    # loss falls only ~12 % in 30 steps (lr 0.01 or 0.02), with "NF" ~45 %.
+    head = norm
     backbone = ("build_d2n_retinanet_resnet_fpn_backbone" if detector == "retinanet"
                 else "build_d2n_resnet_fpn_backbone")
     opts = [
@@ -161,7 +165,8 @@ def test_trains_with_decreasing_loss(detector, norm):
     np.random.seed(0)
     model = build_model(cfg)
     blocks = NFBasicBlock if norm == "NF" else NormBasicBlock
-    assert isinstance(model.backbone, NormFPN) and isinstance(model.backbone.bottom_up.res2[0], blocks)
+    assert isinstance(model.backbone, NormFPN)
+    assert isinstance(model.backbone.bottom_up.res2[0], blocks)
     normalizer = None
     if detector == "retinanet":
         # detectron2 divides RetinaNet's losses by an EMA of #positive anchors that starts at 100
@@ -181,6 +186,8 @@ def test_trains_with_decreasing_loss(detector, norm):
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]
     assert len(losses) == ITERS and all(np.isfinite(losses)), losses
     after = _loss_on(model, fixed, normalizer)
+    print(f"{detector} {norm}: fixed-batch loss {before:.3f} -> {after:.3f}; training loss "
+          f"(mean of first/last 8 steps) {np.mean(losses[:8]):.3f} -> {np.mean(losses[-8:]):.3f}")
     # From scratch, 30 SGD steps on 24 images: the classification / objectness terms fall fast.
     # Measured (fixed batches, before -> after): see docs/backbones.md; required: -15 %.
     assert after < 0.85 * before, (before, after, losses)

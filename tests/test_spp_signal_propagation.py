@@ -6,14 +6,12 @@ statistics are averages over >= 128 channels and >= 256 positions, and res5 is 8
 """
 import csv
 import importlib.util
-import math
 import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import d2_norms  # noqa: F401
 from d2_norms.modeling import add_backbone_config

@@ -15,7 +15,8 @@ import fvcore.nn.weight_init as weight_init
 from torch import nn
 
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, _assert_strides_are_log2_contiguous
+from detectron2.modeling.backbone.fpn import (FPN, LastLevelMaxPool,
+                                             _assert_strides_are_log2_contiguous)
 
 from d2_norms import layers as _L
 
@@ -72,15 +73,16 @@ class NormFPN(FPN):
         if not isinstance(bottom_up, Backbone):
             raise TypeError(f"bottom_up must be a detectron2 Backbone, got {type(bottom_up)}")
         if not in_features:
-            raise ValueError("MODEL.FPN.IN_FEATURES is empty; e.g. ['res2', 'res3', 'res4', 'res5'].")
+            raise ValueError("MODEL.FPN.IN_FEATURES is empty; "
+                             "e.g. ['res2', 'res3', 'res4', 'res5'].")
         if fuse_type not in ("sum", "avg"):
             raise ValueError(f"MODEL.FPN.FUSE_TYPE must be 'sum' or 'avg', got {fuse_type!r}.")
         input_shapes = bottom_up.output_shape()
         missing = [f for f in in_features if f not in input_shapes]
         if missing:
             raise ValueError(
-                f"MODEL.FPN.IN_FEATURES {list(in_features)} asks for {missing}, which the bottom-up "
-                f"network does not output (its outputs: {sorted(input_shapes)}); add them to "
+                f"MODEL.FPN.IN_FEATURES {list(in_features)} asks for {missing}, which the "
+                f"bottom-up network does not output (its outputs: {sorted(input_shapes)}); add them to "
                 "MODEL.RESNETS.OUT_FEATURES."
             )
         strides = [input_shapes[f].stride for f in in_features]
