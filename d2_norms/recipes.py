@@ -247,6 +247,8 @@ def write_matrix(out_dir: str, check: bool = False, **kwargs):
     half-written config."""
     import os
 
+    from d2_norms.fileio import atomic_write_text
+
     changed = []
     expected = set()
     for detector, depth, normalizer, ims, length in matrix_cells():
@@ -259,10 +261,7 @@ def write_matrix(out_dir: str, check: bool = False, **kwargs):
             continue
         changed.append(name)
         if not check:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text)
     stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".yaml")
                    and not f.startswith("Base-") and f not in expected)
     changed += [f"{f} (not produced by the generator)" for f in stale]

@@ -39,6 +39,11 @@ def test_default_names_are_registered_on_import():
     assert (spec["num_images"], spec["image_size"]) == (d2n_data.DEFAULT_NUM_TRAIN, 128)
     assert MetadataCatalog.get("synthetic_shapes_val").synthetic_spec["num_images"] == \
         d2n_data.DEFAULT_NUM_VAL
+    # make demo's set: the default set's images and sizes, 2 classes
+    demo = MetadataCatalog.get("synthetic_shapes_demo_train")
+    assert demo.thing_classes == ["circle", "triangle"]
+    assert {k: v for k, v in demo.synthetic_spec.items() if k != "num_classes"} == \
+        {k: v for k, v in spec.items() if k != "num_classes"}
 
 
 def test_registering_is_lazy_and_json_file_generates(registered):

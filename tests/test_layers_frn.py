@@ -300,3 +300,44 @@ def test_functional_accepts_tensor_eps(eager):
     w, b = torch.ones(3), torch.zeros(3)
     eps = torch.tensor(0.5)
     torch.testing.assert_close(frn(x, w, b, None, eps), frn_formula(x, w, b, None, 0.5))
+
+
+def test_tlu_gradients_match_torch_maximum_and_keep_only_the_output():
+    """TLU's autograd op saves its output (the next conv keeps it anyway), not its input."""
+    m = TLU(4)
+    with torch.no_grad():
+        m.tau.copy_(torch.tensor([-0.3, 0.0, 0.2, 0.5]))
+    x = torch.randn(3, 4, 5, 5)
+    with torch.no_grad():  # no exact ties with tau
+        x += torch.where((x - m.tau.view(1, -1, 1, 1)).abs() < 1e-4, 1e-3, 0.0)
+    g = torch.randn(3, 4, 5, 5)
+    x1 = x.clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m(x1)
+    out.backward(g)
+    tau_ref = m.tau.detach().clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    ref = torch.maximum(x2, tau_ref.view(1, -1, 1, 1))
+    ref.backward(g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(m.tau.grad, tau_ref.grad)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].untyped_storage().data_ptr() == \
+        out.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() != x1.untyped_storage().data_ptr() for t in saved)
+
+
+def test_tlu_without_grad_is_plain_maximum():
+    m = TLU(2)
+    x = torch.randn(1, 2, 3, 3)
+    with torch.no_grad():
+        out = m(x)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, torch.clamp_min(x, 0.0))

@@ -133,3 +133,52 @@ def test_batch_of_one_and_1x1_maps():
     x = torch.randn(1, 4, 1, 1, requires_grad=True)
     conv(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_shared_standardization_once_per_forward_in_retinanet_head(monkeypatch):
+    """NF RetinaNet head: the subnets' Scaled WS weights are standardized once per forward of
+    the head (not once per pyramid level), with the same outputs and gradients as without."""
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    from d2_norms.layers import weight_std as ws
+
+    cfg = get_cfg()
+    cfg.MODEL.RETINANET.NORM = "NF"
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    shapes = [ShapeSpec(channels=16, stride=s) for s in (8, 16, 32)]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128]]
+    torch.manual_seed(0)
+    head = RetinaNetHead(cfg, shapes).double()  # float64: summation order does not matter
+    convs = [m for m in head.modules() if isinstance(m, ScaledStdConv2d)]
+    assert len(convs) == 2 * cfg.MODEL.RETINANET.NUM_CONVS  # the subnets' convs are Scaled WS
+    assert getattr(head, "_d2n_shares_ws", False)
+    feats = [torch.randn(2, 16, s, s, dtype=torch.float64) for s in (8, 4, 2)]
+
+    calls = []
+    original = ws.standardize_weight
+    monkeypatch.setattr(ws, "standardize_weight",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def run():
+        head.zero_grad()
+        calls.clear()
+        logits, deltas = head(feats)
+        loss = sum((t * t).sum() for t in logits + deltas)
+        loss.backward()
+        return [t.detach() for t in logits + deltas], \
+            [p.grad.clone() for p in head.parameters()], len(calls)
+
+    shared_out, shared_grads, shared_calls = run()
+    assert shared_calls == len(convs)  # once per conv, not once per conv and level
+    assert all(c._ws_shared_weight is None and not c._ws_sharing for c in convs)  # cleared
+
+    for c in convs:  # the same head standardizing per call
+        monkeypatch.setattr(c, "_forward_weight", c.standardized_weight)
+    plain_out, plain_grads, plain_calls = run()
+    assert plain_calls == len(convs) * len(feats)
+    for a, b in zip(shared_out, plain_out):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b)

@@ -82,6 +82,10 @@ def test_eval_only_reproduces_final_ap(trained_run, tmp_path):
         with open(os.path.join(d, "results.json")) as f:
             return json.load(f)["evaluations"][VAL_SET]["metrics"]
 
+    def iteration(d):
+        with open(os.path.join(d, "results.json")) as f:
+            return json.load(f)["evaluations"][VAL_SET]["iteration"]
+
     def predictions(d):
         with open(os.path.join(d, "inference", "coco_instances_results.json")) as f:
             return json.load(f)
@@ -89,6 +93,7 @@ def test_eval_only_reproduces_final_ap(trained_run, tmp_path):
     # deterministic inference: the same detections and numbers as the training run's final eval
     assert predictions(trained_run) == predictions(str(tmp_path))
     assert evaluation(trained_run) == evaluation(str(tmp_path))
+    assert iteration(trained_run) == iteration(str(tmp_path)) == 12  # the weights' iteration
 
 
 def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):

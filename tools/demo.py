@@ -14,7 +14,7 @@ import d2_norms  # noqa: F401
 from d2_norms.engine.defaults import argument_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "demo_mask_rcnn_R18_FPN_GN.yaml")
 LEARNED_AP50 = 50.0  # the bar for "the model really learned" on the synthetic val
 
 

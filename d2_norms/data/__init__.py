@@ -6,7 +6,9 @@ Importing this package registers, without generating anything yet:
   (circle, triangle, square), generated into ``$D2_NORMS_CACHE/datasets`` (default
   ``~/.cache/d2_norms/datasets``) on first use;
 * ``synthetic_shapes_tiny_train`` / ``synthetic_shapes_tiny_val``: 24 / 8 images of 64 px, for
-  quick end-to-end tests.
+  quick end-to-end tests;
+* ``synthetic_shapes_demo_train`` / ``synthetic_shapes_demo_val``: as the default set but 2
+  classes (circle, triangle), for ``make demo``.
 
 Other variants: ``register_synthetic(name_prefix, num_train, num_val, image_size, seed, root,
 num_classes=..., **ShapesSpec options)``.
@@ -19,8 +21,8 @@ from .checks import (CheckedMapper, DatasetError, DatasetSummary, MissingImageEr
                      SafeDatasetMapper, UnreadableImageError, check_coco_json, check_datasets,
                      expected_num_classes, load_json_checked, read_image_checked)
 from .register import (DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES, DEFAULT_NUM_TRAIN,
-                       DEFAULT_NUM_VAL, DEFAULT_PREFIX, DEFAULT_SEED, TINY_PREFIX, TINY_SIZES,
-                       SyntheticMetadata, is_synthetic, register_synthetic,
+                       DEFAULT_NUM_VAL, DEFAULT_PREFIX, DEFAULT_SEED, DEMO_OPTIONS, DEMO_PREFIX,
+                       TINY_PREFIX, TINY_SIZES, SyntheticMetadata, is_synthetic, register_synthetic,
                        register_synthetic_split, synthetic_paths, unregister_synthetic)
 from .shapes import SHAPE_CLASSES
 from .synthetic import (GENERATOR_VERSION, ShapesSpec, SyntheticPaths,
@@ -29,13 +31,15 @@ from .synthetic import (GENERATOR_VERSION, ShapesSpec, SyntheticPaths,
 
 register_synthetic()
 register_synthetic(TINY_PREFIX, **TINY_SIZES)
+register_synthetic(DEMO_PREFIX, **DEMO_OPTIONS)
 
 __all__ = [
     "CheckedMapper", "DatasetError", "DatasetSummary", "MissingImageError", "SafeDatasetMapper",
     "UnreadableImageError", "check_coco_json", "check_datasets", "expected_num_classes",
     "load_json_checked", "read_image_checked",
     "DEFAULT_IMAGE_SIZE", "DEFAULT_NUM_CLASSES", "DEFAULT_NUM_TRAIN", "DEFAULT_NUM_VAL",
-    "DEFAULT_PREFIX", "DEFAULT_SEED", "TINY_PREFIX", "TINY_SIZES", "SyntheticMetadata",
+    "DEFAULT_PREFIX", "DEFAULT_SEED", "DEMO_OPTIONS", "DEMO_PREFIX", "TINY_PREFIX", "TINY_SIZES",
+    "SyntheticMetadata",
     "is_synthetic", "register_synthetic", "register_synthetic_split", "synthetic_paths",
     "unregister_synthetic", "SHAPE_CLASSES", "GENERATOR_VERSION", "ShapesSpec", "SyntheticPaths",
     "default_cache_dir", "default_dataset_root", "draw_image", "ensure_synthetic",

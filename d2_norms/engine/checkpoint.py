@@ -28,46 +28,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
+from d2_norms.fileio import atomic_write_bytes  # noqa: F401  (also part of this module's API)
+
 logger = logging.getLogger("d2_norms.checkpoint")
 
 POINTER = "last_checkpoint"
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. a platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync, rename to ``path``.
-
-    The temporary name is ``.<basename>.tmp-<pid>``: hidden, and ignored by every ``*.pth``
-    listing. On any error the temporary file is removed and ``path`` is left untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 def is_complete_checkpoint(path: str) -> bool:

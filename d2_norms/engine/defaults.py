@@ -138,10 +138,14 @@ def _evaluate_only(cfg, args):
     checkpointer.preloaded = (weights, check_weights_file(
         cfg, weights, shapes, action="evaluate", config_file=args.config_file,
         allow_partial=getattr(args, "allow_partial_weights", False)))
-    checkpointer.load(weights)
+    extra = checkpointer.load(weights) or {}
+    # Our checkpoints store the last finished iteration's index; training reports the number
+    # of finished iterations (max_iter), so +1 here. Weights without it (converted/zoo): None.
+    saved_iter = extra.get("iteration")
+    iteration = int(saved_iter) + 1 if isinstance(saved_iter, (int, float)) else None
     results = Trainer.test(cfg, model)
     if comm.is_main_process():
-        save_results(cfg.OUTPUT_DIR, results, cfg, iteration=None,
+        save_results(cfg.OUTPUT_DIR, results, cfg, iteration=iteration,
                      dataset_name=",".join(cfg.DATASETS.TEST))
     return results
 

@@ -18,8 +18,9 @@ import platform
 import re
 import socket
 import sys
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional
+
+from d2_norms.fileio import atomic_write_text
 
 from .backends import COCO_METRICS, IOU_TYPES
 
@@ -78,19 +79,7 @@ def atomic_write_json(path: str, payload: Mapping) -> None:
         text = json.dumps(_json_safe(payload), indent=2, sort_keys=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"cannot write {path}: the content is not JSON-serializable ({e})") from e
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, text + "\n")
 
 
 def _read_json(path: str, what: str, hint: str = "") -> Any:

@@ -337,8 +337,46 @@ def filter_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
+class _TLUFunction(torch.autograd.Function):
+    """``max(x, tau)`` that keeps its OUTPUT for backward, not its input.
+
+    A standalone TLU runs after a residual addition, where its output is the next block's
+    input: the next conv keeps that tensor anyway, so saving it here costs nothing, while
+    saving ``x`` (as ``torch.maximum`` does) keeps one more activation per block (this is what
+    ReLU does too: it saves its output). From the output alone, ``x > tau`` is ``z > tau``; at
+    an exact tie ``x == tau`` the gradient goes to tau.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tau):
+        out = torch.maximum(x, tau.view(_channel_shape(x)).to(x.dtype))
+        ctx.save_for_backward(out, tau)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        out, tau = ctx.saved_tensors
+        passed = out > tau.view(_channel_shape(out)).to(out.dtype)
+        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+        dx = torch.where(passed, grad_out, zero) if ctx.needs_input_grad[0] else None
+        dtau = None
+        if ctx.needs_input_grad[1]:
+            dims = [d for d in range(grad_out.dim()) if d != 1]
+            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+            dtau = torch.where(passed, zero, grad_out).sum(dims, dtype=acc).to(tau.dtype)
+        return dx, dtau
+
+
+def _channel_shape(x: torch.Tensor):
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
 class TLU(nn.Module):
-    """Thresholded Linear Unit ``max(x, tau)`` (FRN eq. 3), tau per channel (dim 1), init 0."""
+    """Thresholded Linear Unit ``max(x, tau)`` (FRN eq. 3), tau per channel (dim 1), init 0.
+
+    Training keeps only the output for backward (:class:`_TLUFunction`), like ReLU.
+    """
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -346,8 +384,11 @@ class TLU(nn.Module):
         self.tau = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.maximum(x, self.tau.view(shape).to(x.dtype))
+        if (torch.is_grad_enabled() and (x.requires_grad or self.tau.requires_grad)
+                and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+                and x.dim() >= 2):
+            return _TLUFunction.apply(x, self.tau)
+        return torch.maximum(x, self.tau.view(_channel_shape(x)).to(x.dtype))
 
     def extra_repr(self):
         return str(self.num_features)

@@ -35,6 +35,7 @@ __all__ = [
     "standardize_weight",
     "activation_gain",
     "fold_weight_standardization",
+    "share_standardized_weights",
     "RELU_GAIN",
     "WS_EPS",
 ]
@@ -112,11 +113,22 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
             self.norm, self.activation = self._norm, self._activation
             del self._norm, self._activation
 
+    # Set by share_standardized_weights' hooks while the owning module runs its forward.
+    _ws_sharing = False
+    _ws_shared_weight = None
+
     def standardized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _forward_weight(self) -> torch.Tensor:
+        if not self._ws_sharing:
+            return self.standardized_weight()
+        if self._ws_shared_weight is None:
+            self._ws_shared_weight = self.standardized_weight()
+        return self._ws_shared_weight
+
     def forward(self, x):
-        x = F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+        x = F.conv2d(x, self._forward_weight(), self.bias, self.stride, self.padding,
                      self.dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)
@@ -232,6 +244,33 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
         else:
             fold_weight_standardization(child)
     return model
+
+
+def _set_ws_sharing(module: nn.Module, on: bool) -> None:
+    for m in module.modules():
+        if isinstance(m, _Conv2dBase):
+            m._ws_sharing = on
+            m._ws_shared_weight = None
+
+
+def share_standardized_weights(module: nn.Module) -> nn.Module:
+    """Standardize each WS / Scaled-WS conv inside ``module`` once per forward of ``module``.
+
+    For heads that run the same convs on every pyramid level (RetinaNet's subnets, the RPN
+    conv): without this, each level standardizes the weights again, and autograd keeps one
+    standardized copy per level (5 per conv in RetinaNet, about 100 MB for an R50-FPN head).
+    Sharing is exact: the same weight tensor feeds every level and the gradients of all
+    levels meet in one standardization backward. The cache lives only during ``module``'s
+    forward (hooks clear it before and after, also when the forward raises), so a changed
+    weight is never missed. Idempotent; returns ``module``.
+    """
+    if getattr(module, "_d2n_shares_ws", False):
+        return module
+    module.register_forward_pre_hook(lambda mod, args: _set_ws_sharing(mod, True))
+    module.register_forward_hook(lambda mod, args, out: _set_ws_sharing(mod, False),
+                                 always_call=True)
+    module._d2n_shares_ws = True
+    return module
 
 
 # ---------------------------------------------------------------------------------------------
