@@ -35,7 +35,6 @@ __all__ = [
     "standardize_weight",
     "activation_gain",
     "fold_weight_standardization",
-    "share_standardized_weights",
     "RELU_GAIN",
     "WS_EPS",
 ]
@@ -45,45 +44,107 @@ WS_EPS = 1e-6
 RELU_GAIN = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 
 
-class _StandardizeWeight(torch.autograd.Function):
-    """``(W - mean) * rsqrt(var + eps) * s`` per row of a 2-D weight; saves W and per-row stats.
+def _standardize_rows(w2, row_scale, eps):
+    """``((W - mean) * rstd * s, mean, rstd)`` per row of a 2-D weight, stats in float32."""
+    acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
+    w = w2.to(acc)
+    mean = w.mean(dim=1, keepdim=True)
+    centered = w - mean
+    var = torch.linalg.vector_norm(centered, 2, dim=1, keepdim=True).square() / w.shape[1]
+    rstd = torch.rsqrt(var + eps)
+    factor = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
+    return (centered * factor).to(w2.dtype), mean, rstd
 
-    Backward (per row, n = fan-in, w0 = (W - mean) * rstd, gz = grad * s):
-    dW = rstd * (gz - mean(gz) - w0 * mean(gz * w0)),  ds = sum(grad * w0).
-    """
+
+def _standardize_rows_backward(grad, w2, mean, rstd, row_scale, need_w, need_scale):
+    """Per row, n = fan-in, w0 = (W - mean) * rstd, gz = grad * s:
+    dW = rstd * (gz - mean(gz) - w0 * mean(gz * w0)),  ds = sum(grad * w0)."""
+    acc = mean.dtype
+    g = grad.to(acc)
+    w0 = (w2.to(acc) - mean) * rstd
+    d_scale = None
+    if row_scale is not None:
+        if need_scale:
+            d_scale = (g * w0).sum(dim=1).to(row_scale.dtype)
+        g = g * row_scale.to(acc).view(-1, 1)
+    dw = None
+    if need_w:
+        gz_mean = g.mean(dim=1, keepdim=True)
+        proj = (g * w0).mean(dim=1, keepdim=True)
+        dw = ((g - gz_mean - w0 * proj) * rstd).to(w2.dtype)
+    return dw, d_scale
+
+
+class _StandardizeWeight(torch.autograd.Function):
+    """``(W - mean) * rsqrt(var + eps) * s`` per row of a 2-D weight; saves W and per-row stats."""
 
     @staticmethod
     def forward(ctx, w2, row_scale, eps):
-        acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
-        w = w2.to(acc)
-        mean = w.mean(dim=1, keepdim=True)
-        centered = w - mean
-        var = torch.linalg.vector_norm(centered, 2, dim=1, keepdim=True).square() / w.shape[1]
-        rstd = torch.rsqrt(var + eps)
-        factor = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
+        out, mean, rstd = _standardize_rows(w2, row_scale, eps)
         ctx.save_for_backward(w2, mean, rstd, row_scale)
-        return (centered * factor).to(w2.dtype)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         w2, mean, rstd, row_scale = ctx.saved_tensors
-        acc = mean.dtype
-        g = grad.to(acc)
-        w0 = (w2.to(acc) - mean) * rstd
-        d_scale = None
-        if row_scale is not None:
-            if ctx.needs_input_grad[1]:
-                d_scale = (g * w0).sum(dim=1).to(row_scale.dtype)
-            g = g * row_scale.to(acc).view(-1, 1)
-        dw = None
-        if ctx.needs_input_grad[0]:
-            gz_mean = g.mean(dim=1, keepdim=True)
-            proj = (g * w0).mean(dim=1, keepdim=True)
-            dw = ((g - gz_mean - w0 * proj) * rstd).to(w2.dtype)
+        dw, d_scale = _standardize_rows_backward(grad, w2, mean, rstd, row_scale,
+                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dw, d_scale, None
 
 
+class _WSConvFunction(torch.autograd.Function):
+    """``conv2d(x, standardize(W))`` as one op that keeps x, W and per-row statistics for
+    backward and recomputes the standardized weight there.
+
+    Standardizing in front of a plain conv makes autograd keep the standardized copy of every
+    weight (the conv saves it): a whole extra model's worth of weights per step, times the
+    number of pyramid levels for the shared RetinaNet/RPN head convs. Recomputing it costs one
+    pass over the weights, small next to the convolution. Under autocast the conv runs in the
+    autocast dtype, as ``F.conv2d`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, row_scale, bias, eps, stride, padding, dilation, groups):
+        w2 = weight.reshape(weight.shape[0], -1)
+        w_hat, mean, rstd = _standardize_rows(w2, row_scale, eps)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) \
+            if torch.is_autocast_enabled(device_type) else None
+        xc, wc, bc = x, w_hat.view(weight.shape), bias
+        if dtype is not None:
+            xc, wc = x.to(dtype), wc.to(dtype)
+            bc = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
+        ctx.save_for_backward(xc, weight, mean, rstd, row_scale)
+        ctx.conf = (eps, stride, padding, dilation, groups, dtype, x.dtype,
+                    None if bias is None else (bias.shape[0], bias.dtype))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        xc, weight, mean, rstd, row_scale = ctx.saved_tensors
+        eps, stride, padding, dilation, groups, dtype, x_dtype, bias_info = ctx.conf
+        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
+        w2 = weight.reshape(weight.shape[0], -1)
+        w_hat = _standardize_rows(w2, row_scale, eps)[0].view(weight.shape)
+        if dtype is not None:
+            w_hat = w_hat.to(dtype)
+        grad_out = grad_out.to(xc.dtype)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out, xc, w_hat, None if bias_info is None else [bias_info[0]],
+            list(stride), list(padding), list(dilation), False, [0] * len(stride), groups,
+            [need_x, need_w or need_s, need_b and bias_info is not None])
+        dx = gx.to(x_dtype) if gx is not None else None
+        dw = d_scale = None
+        if need_w or need_s:
+            dw, d_scale = _standardize_rows_backward(gw.reshape(w2.shape), w2, mean, rstd,
+                                                     row_scale, need_w, need_s)
+            dw = None if dw is None else dw.view(weight.shape)
+        db = gb.to(bias_info[1]) if gb is not None else None
+        return dx, dw, d_scale, db, None, None, None, None, None
 def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS, gain=None,
                        scale: float = 1.0) -> torch.Tensor:
     """``(W - mean) / sqrt(var + eps) * scale * gain`` per output channel over the fan-in.
@@ -113,23 +174,29 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
             self.norm, self.activation = self._norm, self._activation
             del self._norm, self._activation
 
-    # Set by share_standardized_weights' hooks while the owning module runs its forward.
-    _ws_sharing = False
-    _ws_shared_weight = None
+    def _row_scale(self):
+        """Per-output-channel factor after standardization (None: 1)."""
+        return None
 
-    def standardized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight the convolution uses (differentiable)."""
+        w2 = self.weight.reshape(self.out_channels, -1)
+        return _StandardizeWeight.apply(w2, self._row_scale(), float(self.eps)).view(
+            self.weight.shape)
 
-    def _forward_weight(self) -> torch.Tensor:
-        if not self._ws_sharing:
-            return self.standardized_weight()
-        if self._ws_shared_weight is None:
-            self._ws_shared_weight = self.standardized_weight()
-        return self._ws_shared_weight
+    def _fused(self, x) -> bool:
+        return (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not torch.jit.is_scripting() and not torch.jit.is_tracing())
 
     def forward(self, x):
-        x = F.conv2d(x, self._forward_weight(), self.bias, self.stride, self.padding,
-                     self.dilation, self.groups)
+        if self._fused(x):
+            x = _WSConvFunction.apply(x, self.weight, self._row_scale(), self.bias,
+                                      float(self.eps), self.stride, self.padding,
+                                      self.dilation, self.groups)
+        else:
+            x = F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                         self.dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
@@ -182,9 +249,6 @@ class WSConv2d(_Conv2dBase):
                          dilation=dilation, groups=groups, bias=bias, **kwargs)
         self.eps = eps
 
-    def standardized_weight(self) -> torch.Tensor:
-        return standardize_weight(self.weight, self.eps)
-
     def extra_repr(self):
         return super().extra_repr() + f", eps={self.eps:g}"
 
@@ -221,10 +285,9 @@ class ScaledStdConv2d(_Conv2dBase):
     def fan_in(self) -> int:
         return self.weight[0].numel()
 
-    def standardized_weight(self) -> torch.Tensor:
+    def _row_scale(self):
         # eq. 3: gamma * (W - mu) / (sigma * sqrt(N)), times the learned gain g_c.
-        return standardize_weight(self.weight, self.eps, gain=self.gain,
-                                  scale=self.gamma / math.sqrt(self.fan_in))
+        return self.gain.reshape(-1) * (self.gamma / math.sqrt(self.fan_in))
 
     def extra_repr(self):
         return super().extra_repr() + f", gamma={self.gamma:.6g}, eps={self.eps:g}"
@@ -244,33 +307,6 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
         else:
             fold_weight_standardization(child)
     return model
-
-
-def _set_ws_sharing(module: nn.Module, on: bool) -> None:
-    for m in module.modules():
-        if isinstance(m, _Conv2dBase):
-            m._ws_sharing = on
-            m._ws_shared_weight = None
-
-
-def share_standardized_weights(module: nn.Module) -> nn.Module:
-    """Standardize each WS / Scaled-WS conv inside ``module`` once per forward of ``module``.
-
-    For heads that run the same convs on every pyramid level (RetinaNet's subnets, the RPN
-    conv): without this, each level standardizes the weights again, and autograd keeps one
-    standardized copy per level (5 per conv in RetinaNet, about 100 MB for an R50-FPN head).
-    Sharing is exact: the same weight tensor feeds every level and the gradients of all
-    levels meet in one standardization backward. The cache lives only during ``module``'s
-    forward (hooks clear it before and after, also when the forward raises), so a changed
-    weight is never missed. Idempotent; returns ``module``.
-    """
-    if getattr(module, "_d2n_shares_ws", False):
-        return module
-    module.register_forward_pre_hook(lambda mod, args: _set_ws_sharing(mod, True))
-    module.register_forward_hook(lambda mod, args, out: _set_ws_sharing(mod, False),
-                                 always_call=True)
-    module._d2n_shares_ws = True
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
