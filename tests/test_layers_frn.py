@@ -8,6 +8,7 @@ import d2_norms  # noqa: F401  (shims, registry)
 from d2_norms.layers import TLU, FilterResponseNorm2d, frn_reference
 from d2_norms.layers import filter_response_norm as frn
 from d2_norms.layers import frn as frn_module
+from d2_norms.profiling import SavedTensorMeter
 
 torch.set_num_threads(1)
 
@@ -183,15 +184,9 @@ def test_batch_of_one_and_empty_batch(eager):
 
 
 def _saved_bytes(fn, *inputs):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorMeter() as meter:
         fn(*inputs)
-    return sum(storages.values())
+    return meter.total
 
 
 @pytest.mark.parametrize("learned_eps", [False, True])

@@ -9,6 +9,7 @@ from torch import nn
 import d2_norms  # noqa: F401
 from d2_norms.layers import (RELU_GAIN, ScaledStdConv2d, WSConv2d, activation_gain,
                              fold_weight_standardization, get_norm)
+from d2_norms.profiling import SavedTensorMeter
 
 torch.set_num_threads(1)
 
@@ -135,30 +136,6 @@ def test_batch_of_one_and_1x1_maps():
     assert torch.isfinite(x.grad).all()
 
 
-class _SavedStorages:
-    """Unique storages autograd saves for backward (bytes), as tools/benchmark_train.py counts."""
-
-    def __init__(self):
-        self.storages = {}
-
-    def __enter__(self):
-        def pack(t):
-            st = t.untyped_storage()
-            self.storages[st.data_ptr()] = st.nbytes()
-            return t
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-    @property
-    def total(self):
-        return sum(self.storages.values())
-
-
 @pytest.mark.parametrize("cls", [WSConv2d, ScaledStdConv2d])
 @pytest.mark.parametrize("stride,groups,bias", [(1, 1, True), (2, 2, False)])
 def test_fused_conv_matches_standardize_then_conv(cls, stride, groups, bias):
@@ -193,11 +170,11 @@ def test_fused_conv_keeps_what_a_plain_conv_keeps():
     a standardized copy of the weight - the same storages as a plain conv, plus O(out)."""
     x = torch.randn(1, 64, 16, 16, requires_grad=True)
     plain = torch.nn.Conv2d(64, 128, 3, padding=1)
-    with _SavedStorages() as m_plain:
+    with SavedTensorMeter() as m_plain:
         plain(x)
     for cls in (WSConv2d, ScaledStdConv2d):
         conv = cls(64, 128, 3)
-        with _SavedStorages() as m:
+        with SavedTensorMeter() as m:
             conv(x)
         small = [n for n in m.storages.values() if n <= 4 * 128 * 2]
         assert m.total - sum(small) == m_plain.total, cls
@@ -218,7 +195,7 @@ def test_nf_retinanet_head_keeps_no_weight_copies_per_level():
         torch.manual_seed(0)
         head = RetinaNetHead(cfg, [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32)])
         feats = [torch.randn(1, 64, s, s, requires_grad=True) for s in (8, 4, 2)]
-        with _SavedStorages() as m:
+        with SavedTensorMeter() as m:
             logits, deltas = head(feats)
         sum(t.sum() for t in logits + deltas).backward()
         return head, m.total

@@ -53,6 +53,7 @@ from detectron2.utils.events import EventStorage
 
 from d2_norms.config import add_d2_norms_config
 from d2_norms.layers import fold_weight_standardization, get_frn_impl
+from d2_norms.profiling import SavedTensorMeter
 from d2_norms.solver import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,34 +164,6 @@ def synchronize(device):
 
 
 # ------------------------------------------------------------------------------ measurements
-class SavedTensorMeter:
-    """Bytes autograd saves for backward: unique storages, each counted once."""
-
-    def __init__(self):
-        self.storages = {}
-
-    def pack(self, t):
-        try:
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), str(storage.device))
-            self.storages[key] = max(self.storages.get(key, 0), storage.nbytes())
-        except (RuntimeError, NotImplementedError):  # tensors without storage
-            pass
-        return t
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-    @property
-    def total(self):
-        return sum(self.storages.values())
-
-
 def _rss_kib(field):
     try:
         with open("/proc/self/status") as f:
