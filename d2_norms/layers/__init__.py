@@ -21,7 +21,8 @@ from .norm_registry import (ChannelAffine, NormAct, NormSpec, SyncBatchNorm, Unk
                             registered_norms, unregister_norm)
 from .norm_registry import _register_builtins
 from .weight_std import (RELU_GAIN, ScaledStdConv2d, WSConv2d, activation_gain,
-                         fold_weight_standardization, standardize_weight)
+                         fold_weight_standardization, share_standardized_weights,
+                         standardize_weight)
 
 _register_builtins()
 patch_detectron2()
@@ -32,7 +33,7 @@ __all__ = [
     "frn_compiled_available", "frn_compile_cache_sizes",
     "GroupNorm", "GroupNormDivisibilityError", "resolve_num_groups",
     "WSConv2d", "ScaledStdConv2d", "activation_gain", "standardize_weight",
-    "fold_weight_standardization", "RELU_GAIN",
+    "fold_weight_standardization", "share_standardized_weights", "RELU_GAIN",
     "ChannelAffine", "NormAct", "NormSpec", "SyncBatchNorm", "UnknownNormError", "adapt_norms",
     "describe_norms", "get_norm", "get_norm_act", "get_norm_spec", "make_conv", "norm_conv_kind",
     "norm_name_of", "norm_uses_weight_standardization", "patch_detectron2", "register_norm",

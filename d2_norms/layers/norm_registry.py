@@ -85,7 +85,7 @@ from torch import nn
 
 from .frn import TLU, FilterResponseNorm2d
 from .group_norm import GroupNorm
-from .weight_std import ScaledStdConv2d, WSConv2d, activation_gain
+from .weight_std import ScaledStdConv2d, WSConv2d, activation_gain, share_standardized_weights
 
 __all__ = [
     "NormSpec",
@@ -673,7 +673,24 @@ def adapt_norms(model: nn.Module) -> nn.Module:
             _adapt_sequential(module)
         _walk_d2_convs(module, relu_gain)
         _adapt_resnet_block(module)
+    heads = _per_level_head_types()
+    for module in model.modules():
+        if isinstance(module, heads) and any(
+                isinstance(m, (WSConv2d, ScaledStdConv2d)) for m in module.modules()):
+            share_standardized_weights(module)  # once per forward, not once per level
     return model
+
+
+def _per_level_head_types() -> tuple:
+    """detectron2 heads that apply the same convs to every pyramid level."""
+    types = []
+    for path, name in (("detectron2.modeling.meta_arch.retinanet", "RetinaNetHead"),
+                       ("detectron2.modeling.proposal_generator.rpn", "StandardRPNHead")):
+        try:
+            types.append(getattr(__import__(path, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # pragma: no cover - detectron2 absent/other
+            continue
+    return tuple(types)
 
 
 # Stock ResNet blocks apply F.relu_ in forward; where the norm carries TLU they must not.

@@ -35,6 +35,7 @@ __all__ = [
     "standardize_weight",
     "activation_gain",
     "fold_weight_standardization",
+    "share_standardized_weights",
     "RELU_GAIN",
     "WS_EPS",
 ]
@@ -45,33 +46,44 @@ RELU_GAIN = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 
 
 def _standardize_rows(w2, row_scale, eps):
-    """``((W - mean) * rstd * s, mean, rstd)`` per row of a 2-D weight, stats in float32."""
+    """``((W - mean) * rstd * s, mean, rstd)`` per row of a 2-D weight, stats in float32.
+
+    Few passes over the weight (mean, subtract, norm, scale in place): at 1-2 images per GPU
+    the per-step standardization of every weight is a visible part of a step on CPU. (CPU
+    ``torch.var_mean`` and ``addcmul`` measured several times slower than these plain ops.)
+    """
     acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
     w = w2.to(acc)
     mean = w.mean(dim=1, keepdim=True)
-    centered = w - mean
-    var = torch.linalg.vector_norm(centered, 2, dim=1, keepdim=True).square() / w.shape[1]
+    out = w - mean
+    var = torch.linalg.vector_norm(out, 2, dim=1, keepdim=True).square() / w.shape[1]
     rstd = torch.rsqrt(var + eps)
     factor = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
-    return (centered * factor).to(w2.dtype), mean, rstd
+    return out.mul_(factor).to(w2.dtype), mean, rstd
 
 
 def _standardize_rows_backward(grad, w2, mean, rstd, row_scale, need_w, need_scale):
-    """Per row, n = fan-in, w0 = (W - mean) * rstd, gz = grad * s:
-    dW = rstd * (gz - mean(gz) - w0 * mean(gz * w0)),  ds = sum(grad * w0)."""
+    """Gradients of ``z = w0 * s`` with ``w0 = (W - mean) * rstd`` per row (n = fan-in):
+
+    ``ds = sum(g * w0)``,  ``dW = rstd * s * (g - mean(g) - w0 * sum(g * w0) / n)``.
+
+    ``sum(g * w0) = rstd * (sum(g * W) - mean * sum(g))``, so ``w0`` is never materialised and
+    ``dW = a * g + c * W + b`` with per-row a, b, c: two reductions, then in-place updates.
+    """
     acc = mean.dtype
     g = grad.to(acc)
-    w0 = (w2.to(acc) - mean) * rstd
-    d_scale = None
-    if row_scale is not None:
-        if need_scale:
-            d_scale = (g * w0).sum(dim=1).to(row_scale.dtype)
-        g = g * row_scale.to(acc).view(-1, 1)
+    w = w2.to(acc)
+    n = w.shape[1]
+    g_sum = g.sum(dim=1, keepdim=True)
+    gw_sum = torch.linalg.vecdot(g, w, dim=1).unsqueeze(1)
+    dot = rstd * (gw_sum - mean * g_sum)  # sum(g * w0)
+    d_scale = dot.view(-1).to(row_scale.dtype) if row_scale is not None and need_scale else None
     dw = None
     if need_w:
-        gz_mean = g.mean(dim=1, keepdim=True)
-        proj = (g * w0).mean(dim=1, keepdim=True)
-        dw = ((g - gz_mean - w0 * proj) * rstd).to(w2.dtype)
+        a = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
+        c = -a * rstd * dot / n  # coefficient of W (from -w0 * dot / n)
+        b = -a * g_sum / n - c * mean  # constant per row
+        dw = (g * a).add_(w * c).add_(b).to(w2.dtype)
     return dw, d_scale
 
 
@@ -189,8 +201,19 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not torch.jit.is_scripting() and not torch.jit.is_tracing())
 
+    # Set by share_standardized_weights' hooks while the owning head runs its forward.
+    _ws_sharing = False
+    _ws_shared_weight = None
+
     def forward(self, x):
-        if self._fused(x):
+        if self._ws_sharing:
+            # A head running this conv on every pyramid level: standardize once per forward;
+            # every level's conv saves this same tensor (one copy, not one per level).
+            if self._ws_shared_weight is None:
+                self._ws_shared_weight = self.standardized_weight()
+            x = F.conv2d(x, self._ws_shared_weight, self.bias, self.stride, self.padding,
+                         self.dilation, self.groups)
+        elif self._fused(x):
             x = _WSConvFunction.apply(x, self.weight, self._row_scale(), self.bias,
                                       float(self.eps), self.stride, self.padding,
                                       self.dilation, self.groups)
@@ -307,6 +330,33 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
         else:
             fold_weight_standardization(child)
     return model
+
+
+def _set_ws_sharing(module: nn.Module, on: bool) -> None:
+    for m in module.modules():
+        if isinstance(m, _Conv2dBase):
+            m._ws_sharing = on
+            m._ws_shared_weight = None
+
+
+def share_standardized_weights(module: nn.Module) -> nn.Module:
+    """Standardize each WS / Scaled-WS conv inside ``module`` once per forward of ``module``.
+
+    For heads that run the same convs on every pyramid level (RetinaNet's subnets, the RPN
+    conv). Per call, the fused op would standardize the weight again for each level in forward
+    and twice more in backward; shared, it is done once each way, and autograd keeps one
+    standardized copy of the head's weights in all. Exact: the same weight feeds every level
+    and the levels' gradients meet in one standardization backward. The cache lives only
+    during ``module``'s forward (hooks clear it before and after, also when the forward
+    raises), so a changed weight is never missed. Idempotent; returns ``module``.
+    """
+    if getattr(module, "_d2n_shares_ws", False):
+        return module
+    module.register_forward_pre_hook(lambda mod, args: _set_ws_sharing(mod, True))
+    module.register_forward_hook(lambda mod, args, out: _set_ws_sharing(mod, False),
+                                 always_call=True)
+    module._d2n_shares_ws = True
+    return module
 
 
 # ---------------------------------------------------------------------------------------------
