@@ -282,7 +282,7 @@ def test_from_scratch_init(norm, zero_init):
             assert torch.all(m.tau == 0)
     assert n_checked == 1 + sum(3 + (b.shortcut is not None) for b in blocks)
     # He (MSRA) init, fan_out mode as detectron2's c2_msra_fill: std = sqrt(2 / fan_out).
-    w = net.res4[1].conv2.weight  # 256 x 256 x 3 x 3: 590k samples, std error ~0.1 %
+    w = net.res4[1].conv2.weight.detach()  # 256 x 256 x 3 x 3: 590k samples, std error ~0.1 %
     fan_out = w.shape[0] * w.shape[2] * w.shape[3]
     assert float(w.std()) == pytest.approx(np.sqrt(2.0 / fan_out), rel=0.01)
     assert abs(float(w.mean())) < 0.01 * np.sqrt(2.0 / fan_out)
