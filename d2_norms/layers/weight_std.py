@@ -157,6 +157,8 @@ class _WSConvFunction(torch.autograd.Function):
             dw = None if dw is None else dw.view(weight.shape)
         db = gb.to(bias_info[1]) if gb is not None else None
         return dx, dw, d_scale, db, None, None, None, None, None
+
+
 def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS, gain=None,
                        scale: float = 1.0) -> torch.Tensor:
     """``(W - mean) / sqrt(var + eps) * scale * gain`` per output channel over the fan-in.
