@@ -29,7 +29,7 @@ DEFAULT_SEED = 0
 TINY_PREFIX = "synthetic_shapes_tiny"
 TINY_SIZES = dict(num_train=24, num_val=8, image_size=64)
 # `make demo`'s set: the default one with 2 classes (circle, triangle). With 3 classes the demo
-# schedule (400 iterations x 4 images, ~9 CPU minutes) reached box AP50 44; with 2 it reaches 75.
+# schedule (400 iterations x 4 images) reached box AP50 44; with 2 it reaches 75-77.
 DEMO_PREFIX = "synthetic_shapes_demo"
 DEMO_OPTIONS = dict(num_classes=2)
 
