@@ -87,7 +87,7 @@ def test_convs_are_scaled_ws_with_activation_gain_and_no_normalizers(depth):
         # eq. 3: each output channel's effective weights have zero mean and squared norm
         # gamma^2 * var / (var + eps) (eps = 1e-6 inside the square root of the fan-in variance).
         w = conv.standardized_weight().reshape(conv.out_channels, -1).double()
-        raw_var = conv.weight.reshape(conv.out_channels, -1).double().var(1, unbiased=False)
+        raw_var = conv.weight.detach().reshape(conv.out_channels, -1).double().var(1, unbiased=False)
         assert w.mean(1).abs().max() < 1e-6
         torch.testing.assert_close(w.pow(2).sum(1), want ** 2 * raw_var / (raw_var + conv.eps),
                                    rtol=1e-5, atol=0)
