@@ -126,7 +126,7 @@ def test_skipinit_default_zero_makes_non_transition_blocks_identity():
     torch.manual_seed(0)
     net = build(nf_cfg(18))
     skip = [b.skip_gain for b in blocks_of(net)]
-    assert all(isinstance(p, nn.Parameter) and p.requires_grad and float(p) == 0.0 for p in skip)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad and float(p.detach()) == 0.0 for p in skip)
     x = torch.randn(2, 64, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(net.res2[1](x), x, rtol=0, atol=0)
@@ -165,7 +165,7 @@ def test_plain_he_variant_and_bad_values():
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert convs and not any(isinstance(m, L.ScaledStdConv2d) for m in convs)
     w = net.res4[1].conv1.weight  # 256 x 256 x 3 x 3, He init (fan_in): std sqrt(2 / fan_in)
-    assert float(w.std()) == pytest.approx(math.sqrt(2.0 / (256 * 9)), rel=0.01)
+    assert float(w.detach().std()) == pytest.approx(math.sqrt(2.0 / (256 * 9)), rel=0.01)
     with pytest.raises(ValueError, match="ALPHA"):
         build(nf_cfg(18, ALPHA=0.0))
     with pytest.raises(ValueError, match="ACTIVATION"):
