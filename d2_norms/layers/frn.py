@@ -32,7 +32,7 @@ in float32 (``x^2`` overflows float16 above ~256); outputs keep the input's dtyp
 """
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -74,13 +74,13 @@ def _rstd(x2, eps) -> torch.Tensor:
     return torch.rsqrt(nu2 + eps.to(acc))
 
 
-def _frn_forward_kernel(x2, gamma_r, beta_r, tau_r, eps) -> Tuple[torch.Tensor, torch.Tensor]:
+def _frn_forward_kernel(x2, gamma_r, beta_r, tau_r, eps) -> torch.Tensor:
     rstd = _rstd(x2, eps)
     scale = (rstd * _acc(gamma_r, x2)).unsqueeze(1)
     y = torch.addcmul(_acc(beta_r, x2).unsqueeze(1), _acc(x2, x2), scale)  # eq. 2
     if tau_r is not None:
         y = torch.maximum(y, _acc(tau_r, x2).unsqueeze(1))  # eq. 3 (TLU)
-    return y.to(x2.dtype), rstd
+    return y.to(x2.dtype)
 
 
 def _frn_backward_kernel(grad2, x2, eps, gamma_r, beta_r, tau_r):
@@ -257,9 +257,9 @@ class _FRNFunction(torch.autograd.Function):
         x2 = x.reshape(n * c, -1)
         gamma_r, beta_r = _rows(weight, n), _rows(bias, n)
         if tau is not None:
-            out, _ = _run("fwd_tlu", x2, gamma_r, beta_r, _rows(tau, n), eps)
+            out = _run("fwd_tlu", x2, gamma_r, beta_r, _rows(tau, n), eps)
         else:
-            out, _ = _run("fwd_plain", x2, gamma_r, beta_r, eps)
+            out = _run("fwd_plain", x2, gamma_r, beta_r, eps)
         ctx.save_for_backward(x, eps, weight, bias, tau)
         ctx.eps_needs_grad = eps.requires_grad
         return out.view(x.shape)
@@ -334,9 +334,9 @@ def filter_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     x2 = x.reshape(n * c, -1)
     with torch.no_grad():
         if tau is not None:
-            out, _ = _run("fwd_tlu", x2, _rows(weight, n), _rows(bias, n), _rows(tau, n), eps_t)
+            out = _run("fwd_tlu", x2, _rows(weight, n), _rows(bias, n), _rows(tau, n), eps_t)
         else:
-            out, _ = _run("fwd_plain", x2, _rows(weight, n), _rows(bias, n), eps_t)
+            out = _run("fwd_plain", x2, _rows(weight, n), _rows(bias, n), eps_t)
     return out.view(x.shape)
 
 
