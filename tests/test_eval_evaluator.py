@@ -210,6 +210,10 @@ def _distributed_worker(rank, world, port, json_file, out_file):
             json.dump(results, f)
     else:
         assert results == {}
+    # Tear the group down together (as test_layers_registry does): rank 1 returns from
+    # evaluate() while rank 0 still runs COCOeval, and a gloo peer closing early aborted a
+    # process once (SIGABRT) in a full-suite run.
+    dist.barrier()
     dist.destroy_process_group()
 
 
