@@ -1,4 +1,7 @@
-"""``add_d2_norms_config(cfg)``: every config key d2_norms adds to detectron2's defaults."""
+"""``add_d2_norms_config(cfg)``: every config key d2_norms adds to detectron2's defaults;
+``get_dotted``: a ``"MODEL.RESNETS.NORM"``-style lookup in a config or a parsed YAML mapping."""
+from typing import Any, Mapping
+
 from detectron2.config import CfgNode as CN
 
 
@@ -13,3 +16,13 @@ def add_d2_norms_config(cfg: CN) -> CN:
     add_backbone_config(cfg)
     add_evaluation_config(cfg)
     return cfg
+
+
+def get_dotted(node: Mapping, dotted: str, default: Any = None) -> Any:
+    """``node["A"]["B"]["C"]`` for ``dotted = "A.B.C"``, or ``default`` where a level is missing
+    or not a mapping."""
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node

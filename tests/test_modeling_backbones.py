@@ -158,13 +158,7 @@ def test_nf_detector_with_scaled_ws_fpn_and_heads(tmp_path, detector):
 @pytest.mark.parametrize("depth", [34, 101])
 @pytest.mark.parametrize("norm", ["GN", "NF"])
 def test_deeper_backbones_block_counts(depth, norm):
-    cfg = get_cfg()
-    add_backbone_config(cfg)
-    cfg.MODEL.RESNETS.DEPTH = depth
-    cfg.MODEL.RESNETS.NORM = norm
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    net = build_d2n_resnet_backbone(cfg, ShapeSpec(channels=3))
+    net = build_d2n_resnet_backbone(_plain_cfg(norm, depth), ShapeSpec(channels=3))
     counts = [len(getattr(net, f"res{i}")) for i in range(2, 6)]
     assert counts == {34: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
     out = net(torch.randn(1, 3, 64, 64))

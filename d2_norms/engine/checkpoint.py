@@ -28,7 +28,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from d2_norms.fileio import atomic_write_bytes  # noqa: F401  (also part of this module's API)
+from d2_norms.fileio import atomic_write_bytes
 
 logger = logging.getLogger("d2_norms.checkpoint")
 

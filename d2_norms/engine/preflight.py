@@ -21,7 +21,7 @@ import torch
 import yaml
 from detectron2.config import get_cfg
 
-from d2_norms.config import add_d2_norms_config
+from d2_norms.config import add_d2_norms_config, get_dotted
 
 from .errors import (BatchSizeError, ConfigFileError, ConfigKeyError, WeightsMismatchError,
                      flatten_keys, norm_settings, unknown_key_message)
@@ -63,13 +63,11 @@ def _base_chain(config_file: str) -> List[Tuple[str, Dict]]:
     return chain
 
 
+_MISSING = object()
+
+
 def _has_key(data: Mapping, dotted: str) -> bool:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return get_dotted(data, dotted, _MISSING) is not _MISSING
 
 
 def _key_from_message(message: str) -> Optional[str]:

@@ -20,6 +20,7 @@ import socket
 import sys
 from typing import Any, Dict, List, Mapping, Optional
 
+from d2_norms.config import get_dotted
 from d2_norms.fileio import atomic_write_text
 
 from .backends import COCO_METRICS, IOU_TYPES
@@ -136,15 +137,6 @@ def package_versions() -> Dict[str, Optional[str]]:
 # ----------------------------------------------------------------------------- run description
 
 
-def _get(cfg: Mapping, dotted: str, default=None):
-    node: Any = cfg
-    for key in dotted.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
 def norm_display_name(norm: Any) -> str:
     """How a normalizer name is shown in tables: registry names as they are, "" -> "none"."""
     if norm is None:
@@ -163,12 +155,12 @@ def describe_run(cfg: Mapping, world_size: Optional[int] = None) -> Dict[str, An
     ``cfg``: a detectron2 ``CfgNode`` or the dict of a dumped config.yaml. ``world_size``: the
     number of training processes when known (at run time); see :func:`images_per_gpu`.
     """
-    meta = _get(cfg, "MODEL.META_ARCHITECTURE", "?")
-    mask_on = bool(_get(cfg, "MODEL.MASK_ON", False))
+    meta = get_dotted(cfg, "MODEL.META_ARCHITECTURE", "?")
+    mask_on = bool(get_dotted(cfg, "MODEL.MASK_ON", False))
     detector = {"RetinaNet": "RetinaNet",
                 "GeneralizedRCNN": "Mask R-CNN" if mask_on else "Faster R-CNN"}.get(meta, meta)
-    backbone = str(_get(cfg, "MODEL.BACKBONE.NAME", "?"))
-    depth = _get(cfg, "MODEL.RESNETS.DEPTH")
+    backbone = str(get_dotted(cfg, "MODEL.BACKBONE.NAME", "?"))
+    depth = get_dotted(cfg, "MODEL.RESNETS.DEPTH")
     fpn = "fpn" in backbone.lower()
     if depth is not None:
         backbone_label = f"R{depth}" + ("-FPN" if fpn else "")
@@ -176,15 +168,15 @@ def describe_run(cfg: Mapping, world_size: Optional[int] = None) -> Dict[str, An
         backbone_label = backbone
     nf = bool(_NF_NAME.search(backbone))
 
-    norms = {"backbone": _get(cfg, "MODEL.RESNETS.NORM", "")}
+    norms = {"backbone": get_dotted(cfg, "MODEL.RESNETS.NORM", "")}
     if fpn:
-        norms["fpn"] = _get(cfg, "MODEL.FPN.NORM", "")
+        norms["fpn"] = get_dotted(cfg, "MODEL.FPN.NORM", "")
     if meta == "RetinaNet":
-        norms["head"] = _get(cfg, "MODEL.RETINANET.NORM", "")
+        norms["head"] = get_dotted(cfg, "MODEL.RETINANET.NORM", "")
     elif meta == "GeneralizedRCNN":
-        norms["box_head"] = _get(cfg, "MODEL.ROI_BOX_HEAD.NORM", "")
+        norms["box_head"] = get_dotted(cfg, "MODEL.ROI_BOX_HEAD.NORM", "")
         if mask_on:
-            norms["mask_head"] = _get(cfg, "MODEL.ROI_MASK_HEAD.NORM", "")
+            norms["mask_head"] = get_dotted(cfg, "MODEL.ROI_MASK_HEAD.NORM", "")
     norms = {k: norm_display_name(v) for k, v in norms.items()}
     # Rows of the comparison tables are named after the backbone's normalizer, as in FRN Table 6
     # / GN Table 7; "normalizer_detail" also names the parts normalized differently (ap_table
@@ -197,7 +189,7 @@ def describe_run(cfg: Mapping, world_size: Optional[int] = None) -> Dict[str, An
 
     ipg, ipg_source = images_per_gpu(cfg, world_size)
     total_batch = None
-    procs = world_size if world_size else (_get(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0) or None)
+    procs = world_size if world_size else (get_dotted(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0) or None)
     if ipg is not None and procs:
         total_batch = ipg * procs
     return {
@@ -212,16 +204,16 @@ def describe_run(cfg: Mapping, world_size: Optional[int] = None) -> Dict[str, An
         "images_per_gpu": ipg,
         "images_per_gpu_source": ipg_source,
         "total_batch": total_batch,
-        "ims_per_batch": _get(cfg, "SOLVER.IMS_PER_BATCH"),
-        "reference_world_size": _get(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0),
+        "ims_per_batch": get_dotted(cfg, "SOLVER.IMS_PER_BATCH"),
+        "reference_world_size": get_dotted(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0),
         "world_size": world_size,
-        "max_iter": _get(cfg, "SOLVER.MAX_ITER"),
-        "base_lr": _get(cfg, "SOLVER.BASE_LR"),
-        "min_size_test": _get(cfg, "INPUT.MIN_SIZE_TEST"),
-        "train_datasets": list(_get(cfg, "DATASETS.TRAIN", []) or []),
-        "test_datasets": list(_get(cfg, "DATASETS.TEST", []) or []),
-        "output_dir": _get(cfg, "OUTPUT_DIR"),
-        "seed": _get(cfg, "SEED"),
+        "max_iter": get_dotted(cfg, "SOLVER.MAX_ITER"),
+        "base_lr": get_dotted(cfg, "SOLVER.BASE_LR"),
+        "min_size_test": get_dotted(cfg, "INPUT.MIN_SIZE_TEST"),
+        "train_datasets": list(get_dotted(cfg, "DATASETS.TRAIN", []) or []),
+        "test_datasets": list(get_dotted(cfg, "DATASETS.TEST", []) or []),
+        "output_dir": get_dotted(cfg, "OUTPUT_DIR"),
+        "seed": get_dotted(cfg, "SEED"),
     }
 
 
@@ -235,10 +227,10 @@ def images_per_gpu(cfg: Mapping, world_size: Optional[int] = None):
     recorded at run time (results.json / run_status.json); from a bare config.yaml one process is
     assumed and the source says so.
     """
-    total = _get(cfg, "SOLVER.IMS_PER_BATCH")
+    total = get_dotted(cfg, "SOLVER.IMS_PER_BATCH")
     if total is None:
         return None, "unknown (no SOLVER.IMS_PER_BATCH)"
-    ref = int(_get(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0) or 0)
+    ref = int(get_dotted(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0) or 0)
     if ref > 0:
         divisor, source = ref, f"IMS_PER_BATCH {total} / REFERENCE_WORLD_SIZE {ref}"
     elif world_size:
@@ -303,7 +295,7 @@ def save_results(output_dir: str, results: Mapping, cfg, iteration: Optional[int
         # The backend build_evaluator used for this config (same default: "auto").
         from .backends import AUTO, resolve_backend
 
-        backend = _get(cfg, "D2NORMS.EVAL.BACKEND", AUTO)
+        backend = get_dotted(cfg, "D2NORMS.EVAL.BACKEND", AUTO)
         try:
             backend = resolve_backend(backend)
         except (ImportError, ValueError):
