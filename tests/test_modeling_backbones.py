@@ -422,3 +422,24 @@ def test_checkpoint_round_trip(tmp_path, norm):
         fa, fb = model.backbone(x), other.backbone(x)
     for k in fa:
         torch.testing.assert_close(fb[k], fa[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_norm_fpn_sets_every_attribute_of_detectron2_fpn(tmp_path, detector):
+    """NormFPN builds its own convs instead of calling FPN.__init__, so it must set every plain
+    attribute that this detectron2 version's FPN.__init__ sets (main's ``padding_constraints``
+    reads ``_square_pad``, which v0.6 does not have) and answer FPN's public properties alike."""
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+
+    cfg = detector_cfg(tmp_path, detector, "GN")
+    ours = build_backbone(cfg)
+    top_block = (LastLevelP6P7(ours.bottom_up.output_shape()["res5"].channels, FPN_CHANNELS)
+                 if detector == "retinanet" else LastLevelMaxPool())
+    stock = FPN(bottom_up=ours.bottom_up, in_features=list(cfg.MODEL.FPN.IN_FEATURES),
+                out_channels=FPN_CHANNELS, norm="GN", top_block=top_block)
+    missing = sorted(set(vars(stock)) - set(vars(ours)))
+    assert not missing, f"NormFPN lacks attributes detectron2's FPN sets: {missing}"
+    for name in ("size_divisibility", "padding_constraints"):
+        if hasattr(type(stock), name):
+            assert getattr(ours, name) == getattr(stock, name), name
+    assert ours.output_shape() == stock.output_shape()

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import yaml
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 
 from d2_norms.config import add_d2_norms_config, get_dotted
@@ -286,16 +287,23 @@ def has_problems(problems: Mapping[str, list]) -> bool:
     return any(problems[k] for k in ("missing", "unexpected", "shapes"))
 
 
+class _CheckpointReader(DetectionCheckpointer):
+    """Reads a checkpoint through detectron2's public ``load`` (its URL / ``.pkl`` / Caffe2 name
+    handling) without loading it into a model: ``_load_model`` is the checkpointer's documented
+    extension hook, here it keeps the parsed dict untouched."""
+
+    def _load_model(self, checkpoint):
+        return None
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """A checkpoint file as detectron2 reads it (``.pth``, detectron2/Caffe2 ``.pkl``)."""
-    from .checkpoint import AtomicCheckpointer
-
-    reader = AtomicCheckpointer(torch.nn.Module(), save_to_disk=False)
+    reader = _CheckpointReader(torch.nn.Module(), save_to_disk=False)
     local = reader.path_manager.get_local_path(path)
     if not os.path.isfile(local):
         raise WeightsMismatchError(f"weights file {path} does not exist (MODEL.WEIGHTS, or the "
                                    "checkpoint last_checkpoint names)")
-    return reader._load_file(local)
+    return reader.load(path, checkpointables=[])
 
 
 def check_weights_file(cfg, path: str, model_shapes, *, action: str, config_file: str = "",

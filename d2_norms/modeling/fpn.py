@@ -68,7 +68,10 @@ class NormFPN(FPN):
     """detectron2's FPN with registry-aware convs (see module docstring)."""
 
     def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None,
-                 fuse_type="sum"):
+                 fuse_type="sum", square_pad=0):
+        # detectron2's FPN.__init__ would build stock convs; NormFPN builds its own and sets
+        # every attribute FPN's methods read, on v0.6 and on main (main's ``padding_constraints``
+        # reads ``_square_pad``). tests/test_modeling_backbones.py compares the attribute sets.
         Backbone.__init__(self)
         if not isinstance(bottom_up, Backbone):
             raise TypeError(f"bottom_up must be a detectron2 Backbone, got {type(bottom_up)}")
@@ -112,6 +115,7 @@ class NormFPN(FPN):
         self._out_feature_channels = {k: out_channels for k in self._out_features}
         self._size_divisibility = strides[-1]
         self._fuse_type = fuse_type
+        self._square_pad = square_pad
         self.norm = norm
 
 
