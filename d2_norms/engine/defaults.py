@@ -47,13 +47,17 @@ class _FlagsAnywhereParser(argparse.ArgumentParser):
 def argument_parser(epilog=None) -> argparse.ArgumentParser:
     """detectron2's CLI (--config-file, --num-gpus, --num-machines, --machine-rank, --dist-url,
     --resume, --eval-only, opts) plus --allow-partial-weights; ``--num-gpus`` means processes on
-    CPU."""
+    CPU. The process flags default to None ("not given"): ``launch`` reads 1, 1, 0, auto, or
+    under torchrun the launcher's values."""
+    from .launch import let_launcher_decide
+
     parser = default_argument_parser(epilog)
     parser.__class__ = _FlagsAnywhereParser
     for action in parser._actions:
         if action.dest == "num_gpus":
             action.help = ("number of processes per machine: one per GPU with CUDA (NCCL), "
                            "CPU processes joined with gloo otherwise")
+    let_launcher_decide(parser)  # None = not given; torchrun's values when it started us
     parser.add_argument("--allow-partial-weights", action="store_true", help=ALLOW_PARTIAL_HELP)
     return parser
 
@@ -156,7 +160,12 @@ def main(args):
     from d2_norms.evaluation import write_run_status
 
     if not getattr(args, "preflight_done", False):
-        preflight(args, comm.get_world_size())
+        # Under torchrun the processes exist before any check could run: rank 0 checks (it may
+        # generate a synthetic dataset; no two ranks race on its files), every rank stops on
+        # its error.
+        from .launch import run_on_main_process
+
+        run_on_main_process(preflight, args, comm.get_world_size())
     cfg = setup_cfg(args)
     if args.eval_only:
         return _evaluate_only(cfg, args)
@@ -185,19 +194,25 @@ def main(args):
 
 
 def run_cli(argv=None):
-    """Parse, check the input (once, before any process starts or file is written), launch."""
-    from d2_norms.engine.launch import launch
+    """Parse, check the input (once, before any process starts or file is written), launch.
+
+    Under torchrun (or a scheduler setting its variables) this runs in every process: the
+    launcher's environment and the process flags are checked first (each process exits 2 on a
+    mismatch), then ``launch`` joins the launcher's group and ``main`` runs the input checks on
+    rank 0 before anything is written."""
+    from d2_norms.engine.launch import DistributedSetupError, launch, launcher_environment
 
     from .errors import NonFiniteLossError, NonFiniteWeightsError, user_error_types
 
     args = argument_parser().parse_args(argv)
     print("Command Line Args:", args)
     try:
-        preflight(args, args.num_gpus * args.num_machines)
-        args.preflight_done = True
+        if launcher_environment() is None:
+            preflight(args, (args.num_gpus or 1) * (args.num_machines or 1))
+            args.preflight_done = True
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except user_error_types() as e:
+    except user_error_types() + (DistributedSetupError,) as e:
         # Input mistakes and a diverged run: the message says what to do; the traceback (in
         # log.txt for a training run) would only hide it.
         diverged = isinstance(e, (NonFiniteLossError, NonFiniteWeightsError))
