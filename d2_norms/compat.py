@@ -27,6 +27,23 @@ COMPILED_OPS = {
     "COCOevalEvaluateImages": "fast COCO evaluation (COCOeval_opt)",
     "COCOevalAccumulate": "fast COCO evaluation (COCOeval_opt)",
 }
+# Ops that the extension registers with the dispatcher (TORCH_LIBRARY(detectron2, m) in
+# detectron2/layers/csrc/vision.cpp); detectron2 main (and v0.6 for nms_rotated) calls them as
+# torch.ops.detectron2.<op>. Schemas are the ones the C++ registration infers from the function
+# signatures (unnamed arguments and result _0, _1, ...), so a caller sees the same signature as with the
+# real extension.
+TORCH_LIBRARY_OPS = {
+    "nms_rotated": "nms_rotated(Tensor _0, Tensor _1, float _2) -> Tensor _0",
+    "box_iou_rotated": "box_iou_rotated(Tensor _0, Tensor _1) -> Tensor _0",
+    "roi_align_rotated_forward": "roi_align_rotated_forward(Tensor _0, Tensor _1, float _2, "
+                                 "int _3, int _4, int _5) -> Tensor _0",
+    "roi_align_rotated_backward": "roi_align_rotated_backward(Tensor _0, Tensor _1, float _2, "
+                                  "int _3, int _4, int _5, int _6, int _7, int _8, "
+                                  "int _9) -> Tensor _0",
+}
+# Keeps the placeholder registrations alive: the dispatcher drops a Library's ops when the
+# Library object is garbage-collected.
+_TORCH_LIBRARY_PLACEHOLDER = None
 # Build-information functions of the extension (detectron2's collect_env_info calls them in
 # every default_setup): they answer truthfully that nothing was built instead of raising.
 _NOT_BUILT = "not built (detectron2 installed without its C++ extension)"
@@ -41,15 +58,21 @@ class MissingCompiledOpError(RuntimeError):
     """Raised when code calls an op of detectron2's C++ extension that is not built."""
 
 
+def _missing_op_message(qualified_name: str, feature: str) -> str:
+    return (
+        f"{qualified_name} ({feature}) is not available: this detectron2 was installed without "
+        "its C++ extension (no compiled detectron2._C: the pb1-detectron2 sdist has no csrc, and "
+        "a source tree installed as pure Python skips it). d2_norms' models do not need it; for "
+        "this op install detectron2 from a source tree with a C++ compiler present (from the "
+        "d2_norms repository: `python tools/install_detectron2.py --source <detectron2 tree or "
+        ".tar.gz> --ops yes`). For COCO evaluation use d2_norms' evaluator "
+        "(pycocotools / faster-coco-eval)."
+    )
+
+
 def _missing_op(name: str, feature: str):
     def op(*args, **kwargs):
-        raise MissingCompiledOpError(
-            f"detectron2._C.{name} ({feature}) is not available: this detectron2 was installed "
-            "without its C++ extension (the pb1-detectron2 sdist has no csrc). d2_norms' models "
-            "do not need it; for this op build detectron2 from source "
-            "(pip install 'git+<detectron2 repo>') and reinstall d2_norms. For COCO evaluation use "
-            "d2_norms' evaluator (pycocotools / faster-coco-eval)."
-        )
+        raise MissingCompiledOpError(_missing_op_message(f"detectron2._C.{name}", feature))
 
     op.__name__ = name
     op.__qualname__ = name
@@ -90,6 +113,43 @@ def _install_c_extension_placeholder() -> None:
     sys.modules["detectron2._C"] = placeholder
     detectron2._C = placeholder
     _APPLIED.append("detectron2._C placeholder (no compiled ops)")
+    _install_torch_ops_placeholder()
+
+
+def _torch_op_exists(name: str) -> bool:
+    import torch
+
+    try:
+        getattr(torch.ops.detectron2, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _install_torch_ops_placeholder() -> None:
+    """Define ``torch.ops.detectron2.<op>`` with the extension's schemas, each raising
+    MissingCompiledOpError. Only called when the real ``detectron2._C`` is absent (the real one
+    registers these ops itself when it loads); ops that something else already defined are left
+    alone."""
+    global _TORCH_LIBRARY_PLACEHOLDER
+    import torch
+
+    missing = [name for name in TORCH_LIBRARY_OPS if not _torch_op_exists(name)]
+    if not missing:
+        return
+    # FRAGMENT, not DEF: adds to the namespace without claiming it.
+    library = torch.library.Library("detectron2", "FRAGMENT")
+    for name in missing:
+        library.define(TORCH_LIBRARY_OPS[name])
+        message = _missing_op_message(f"torch.ops.detectron2.{name}", COMPILED_OPS[name])
+
+        def raise_missing(*args, _message=message, **kwargs):
+            raise MissingCompiledOpError(_message)
+
+        # CompositeImplicitAutograd: one kernel for every device, autograd, meta/fake tensors.
+        library.impl(name, raise_missing, "CompositeImplicitAutograd")
+    _TORCH_LIBRARY_PLACEHOLDER = library
+    _APPLIED.append(f"torch.ops.detectron2 placeholder ops ({', '.join(missing)})")
 
 
 def _patch_pillow() -> None:

@@ -4,6 +4,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -172,3 +173,193 @@ def test_collect_env_reports_the_missing_extension_instead_of_raising():
     text = collect_env_info()
     if getattr(_C, "d2_norms_placeholder", False):
         assert "not built" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# detectron2's compiled ops: d2_norms' placeholder without them, the real ones with them.
+# Through detectron2's own Python API, which main routes through torch.ops.detectron2.<op>
+# (v0.6: detectron2._C.<op>, and torch.ops for nms_rotated).
+
+
+def _has_compiled_ops():
+    from detectron2 import _C
+
+    return not getattr(_C, "d2_norms_placeholder", False)
+
+
+def test_placeholder_names_the_missing_op_on_detectron2_api_calls():
+    import torch
+    from detectron2.layers import nms_rotated, roi_align_rotated
+    from detectron2.structures import RotatedBoxes, pairwise_iou_rotated
+
+    if _has_compiled_ops():
+        pytest.skip("this detectron2 has its compiled C++ ops: no placeholder to test "
+                    "(test_compiled_ops_are_used_and_placeholder_stays_out covers it)")
+    assert any("torch.ops.detectron2 placeholder" in entry for entry in compat.applied())
+    boxes = RotatedBoxes(torch.tensor([[5.0, 5.0, 4.0, 2.0, 30.0]]))
+    with pytest.raises(compat.MissingCompiledOpError, match="rotated box IoU") as info:
+        pairwise_iou_rotated(boxes, boxes)
+    assert "box_iou_rotated" in str(info.value) and "--source" in str(info.value)
+    with pytest.raises(compat.MissingCompiledOpError, match="torch.ops.detectron2.nms_rotated"):
+        nms_rotated(boxes.tensor, torch.ones(1), 0.5)
+    rois = torch.tensor([[0.0, 4.0, 4.0, 2.0, 2.0, 0.0]])
+    with pytest.raises(compat.MissingCompiledOpError, match="rotated ROIAlign"):
+        roi_align_rotated(torch.zeros(1, 1, 8, 8), rois, (2, 2), 1.0, 0)
+    # The placeholder declares the extension's own schemas: argument errors stay the same.
+    schema = str(torch.ops.detectron2.box_iou_rotated.default._schema)
+    assert schema == "detectron2::box_iou_rotated(Tensor _0, Tensor _1) -> Tensor _0"
+    with pytest.raises(RuntimeError, match="box_iou_rotated"):
+        torch.ops.detectron2.box_iou_rotated(torch.zeros(1, 5))
+
+
+def test_compiled_ops_are_used_and_placeholder_stays_out():
+    import torch
+    import torchvision
+    from detectron2 import _C
+    from detectron2.layers import nms_rotated
+    from detectron2.structures import RotatedBoxes, pairwise_iou_rotated
+
+    if not _has_compiled_ops():
+        pytest.skip("this detectron2 was installed without its compiled C++ ops (pure Python); "
+                    "install one with `tools/install_detectron2.py --source <tree> --ops yes`")
+    assert _C.__file__ and _C.__file__.endswith(".so")
+    assert not any("placeholder" in entry for entry in compat.applied())
+    box = torch.tensor([[5.0, 5.0, 4.0, 2.0, 30.0]])
+    assert pairwise_iou_rotated(RotatedBoxes(box), RotatedBoxes(box)).item() == pytest.approx(1.0)
+    # Reference: at angle 0 rotated IoU / NMS are torchvision's axis-aligned ones.
+    gen = torch.Generator().manual_seed(0)
+    centers, sizes = torch.rand(12, 2, generator=gen) * 20, torch.rand(12, 2, generator=gen) * 8 + 1
+    rotated = torch.cat([centers, sizes, torch.zeros(12, 1)], dim=1)
+    xyxy = torch.cat([centers - sizes / 2, centers + sizes / 2], dim=1)
+    torch.testing.assert_close(pairwise_iou_rotated(RotatedBoxes(rotated), RotatedBoxes(rotated)),
+                               torchvision.ops.box_iou(xyxy, xyxy), atol=1e-5, rtol=1e-5)
+    scores = torch.rand(12, generator=gen)
+    assert torch.equal(nms_rotated(rotated, scores, 0.3), torchvision.ops.nms(xyxy, scores, 0.3))
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/install_detectron2.py --source and `make test-d2main`
+
+SNAPSHOT = os.path.join(os.path.dirname(REPO), "shared", "third_party",
+                        "detectron2-02b5c4e2.tar.gz")
+needs_snapshot = pytest.mark.skipif(
+    not os.path.isfile(SNAPSHOT),
+    reason="the detectron2 main snapshot (../shared/third_party/detectron2-02b5c4e2.tar.gz, test "
+           "material next to the repository) is absent, as on a user's machine")
+
+
+def _fake_detectron2_tree(root, version="0.6"):
+    (root / "detectron2").mkdir(parents=True)
+    (root / "detectron2" / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    (root / "setup.py").write_text(
+        "from setuptools import setup\n"
+        "setup(name='detectron2', install_requires=['tabulate'],\n"
+        "      ext_modules=get_extensions(),\n)\n")
+    return root
+
+
+@pytest.mark.parametrize("case", ["missing", "not_detectron2", "corrupted_tarball",
+                                  "not_a_tarball", "too_old"])
+def test_installer_source_bad_input_exits_2_with_a_clear_message(tmp_path, case):
+    if case == "missing":
+        source, expected = tmp_path / "nowhere.tar.gz", "does not exist"
+    elif case == "not_detectron2":
+        source = tmp_path / "some_project"
+        (source / "pkg").mkdir(parents=True)
+        (source / "setup.py").write_text("from setuptools import setup\nsetup()\n")
+        expected = "is not a detectron2 source tree"
+    elif case in ("corrupted_tarball", "not_a_tarball"):
+        tree = _fake_detectron2_tree(tmp_path / "tree")
+        good = tmp_path / "good.tar.gz"
+        with tarfile.open(good, "w:gz") as tar:
+            tar.add(tree, arcname="detectron2-src")
+        data = good.read_bytes()
+        source = tmp_path / "broken.tar.gz"
+        # truncated download vs. an HTML error page saved under the tarball's name
+        source.write_bytes(data[: len(data) // 2] if case == "corrupted_tarball"
+                           else b"<html>404 not found</html>\n")
+        expected = "cannot be read as a .tar.gz"
+    else:
+        source, expected = _fake_detectron2_tree(tmp_path / "old", version="0.5"), "too old"
+    out = _run_installer(tmp_path, "--source", str(source), "--ops", "no")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert expected in out.stderr and str(source) in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "+ " not in out.stdout  # refused before any pip call
+
+
+@needs_snapshot
+def test_runtime_requirements_of_detectron2_main_skip_what_does_not_apply(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        installer = importlib.import_module("install_detectron2")
+    finally:
+        sys.path.pop(0)
+    with tarfile.open(SNAPSHOT) as tar:
+        (tmp_path / "setup.py").write_bytes(tar.extractfile("setup.py").read())
+    requirements = installer.runtime_requirements(str(tmp_path / "setup.py"))
+    names = [r.split(";")[0].split(">")[0].split("<")[0].split("=")[0] for r in requirements]
+    assert "black" not in names and "dataclasses" not in names
+    assert {"fvcore", "iopath", "omegaconf", "hydra-core", "pycocotools"} <= set(names)
+    assert not any(n.startswith("torch") for n in names)
+
+
+@pytest.mark.slow
+@needs_snapshot
+def test_install_detectron2_main_from_a_source_tree_pure_python(tmp_path):
+    """Install the snapshot (extracted: a source tree) into a fresh venv that sees this venv's
+    packages through a .pth (torch is not copied); the new detectron2 lands in the new venv and
+    d2_norms' placeholder answers its rotated ops."""
+    import sysconfig
+
+    tree = tmp_path / "detectron2-main"
+    tree.mkdir()
+    with tarfile.open(SNAPSHOT) as tar:
+        tar.extractall(tree, filter="data")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "outer_venv.pth"), "w") as f:
+        f.write(sysconfig.get_path("purelib") + "\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run([python, os.path.join(REPO, "tools", "install_detectron2.py"),
+                          "--source", str(tree), "--ops", "no"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert "installed from" in last and "PURE PYTHON" in last
+    assert "pb1-detectron2" in out.stdout and "alone" in out.stdout  # this venv's v0.6 untouched
+    check = (
+        "import d2_norms, detectron2, torch\n"
+        "from detectron2.layers import nms_rotated\n"
+        "print(detectron2.__file__)\n"
+        "from importlib.metadata import version; print(version('detectron2'))\n"
+        "try:\n"
+        "    nms_rotated(torch.zeros(1, 5), torch.ones(1), 0.5)\n"
+        "except d2_norms.compat.MissingCompiledOpError as e:\n"
+        "    print('placeholder:', e)\n"
+    )
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    location, version, message = out.stdout.strip().splitlines()[-3:]
+    assert location.startswith(site), location
+    assert version == "0.6"
+    assert "placeholder: torch.ops.detectron2.nms_rotated (rotated box NMS)" in message
+    # The outer venv still has its own detectron2.
+    assert importlib.metadata.version("pb1-detectron2") == "0.6"
+
+
+def test_make_test_d2main_without_the_snapshot_says_so_and_succeeds(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv-d2main"
+    out = subprocess.run(["make", "--no-print-directory", "test-d2main",
+                          f"D2MAIN_SOURCE={tmp_path / 'absent' / 'detectron2.tar.gz'}",
+                          f"D2MAIN_VENV={venv}"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "test-d2main: skipped" in out.stdout and "not found" in out.stdout
+    assert not venv.exists()
