@@ -57,12 +57,11 @@ def test_beta_is_expected_std_with_resets(depth, alpha):
         expected.append(math.sqrt(var))
         var = (1.0 if b.is_transition else var) + alpha ** 2
     assert [b.beta for b in blocks] == pytest.approx(expected, rel=1e-12)
-    # Transitions: the first block of every stage for R50/101 (64 -> 256 channels), of res3-5
-    # for R18 (res2 keeps 64 channels and stride 1, so its first block has no shortcut conv).
+    # Transitions: the first block of every stage, also res2 of R18 whose first block keeps 64
+    # channels and stride 1 (a shortcut conv there resets the stem's mean shift, sec. 4.5).
     firsts = [i == 0 for stage in net.stages for i in range(len(stage))]
-    if depth == 18:
-        firsts[0] = False
     assert [b.is_transition for b in blocks] == firsts
+    assert all((b.shortcut is not None) == b.is_transition for b in blocks)
     if depth == 50:  # spot values: last block of res4 and first of res5
         assert blocks[12].beta == pytest.approx(math.sqrt(1 + 5 * alpha ** 2))
         assert blocks[13].beta == pytest.approx(math.sqrt(1 + 6 * alpha ** 2))
@@ -181,3 +180,38 @@ def test_stage_outputs_are_unnormalised_residual_stream():
     for name in ("res2", "res3", "res4", "res5"):
         frac_negative = float((out[name] < 0).float().mean())
         assert 0.3 < frac_negative < 0.7, (name, frac_negative)
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+def test_res2_of_basic_block_nets_has_no_stem_mean_shift(depth):
+    """Issue 13 item 2. The stem's max-pool output has channel mean ~ +1.5 and variance ~ 0.4
+    (the max of 9 ~unit Gaussians); without a shortcut conv it flowed along res2's skip path
+    (measured squared mean / variance = 5.2 on the synthetic NF-R18). With res2's first block a
+    transition, its 1x1 Scaled WS conv has zero-mean weights per output unit, so a per-channel
+    offset shared by the inputs cancels: the ratio is ~1e-3 (measured 0.0012), the level res3-5
+    have at init (< 0.02). 0.02 is the bound for every stage."""
+    torch.manual_seed(0)
+    net = build(nf_cfg(depth, SKIP_GAIN_INIT=1.0))
+    outs = {}
+    for name in ("res2", "res3", "res4", "res5"):
+        for i, block in enumerate(getattr(net, name)):
+            block.register_forward_hook(lambda m, inp, o, k=f"{name}.{i}": outs.__setitem__(k, o))
+    with torch.no_grad():
+        stem = net.stem(torch.randn(8, 3, 128, 128))
+        net(torch.randn(8, 3, 128, 128))
+    # The shift is real: the stem output itself is far from centred.
+    m, v = stem.mean((0, 2, 3)), stem.var((0, 2, 3))
+    assert float(m.pow(2).mean() / v.mean()) > 1.0
+    for key, out in outs.items():
+        m, v = out.mean((0, 2, 3)), out.var((0, 2, 3))
+        assert float(m.pow(2).mean() / v.mean()) < 0.02, key
+        # and the residual stream keeps ~ the analytic variance (1 + k alpha^2 <= 1.2 here)
+        assert 0.8 < float(v.mean()) < 1.3, key
+
+
+def test_transition_flag_cannot_drop_a_needed_shortcut():
+    block = NFBasicBlock(64, 64, transition=True)
+    assert block.is_transition and block.shortcut is not None
+    assert NFBasicBlock(64, 64).shortcut is None
+    with pytest.raises(ValueError, match="transition=False is impossible"):
+        NFBasicBlock(64, 128, stride=2, transition=False)

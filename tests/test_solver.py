@@ -87,3 +87,38 @@ def test_built_models_have_no_decay_on_any_norm_parameter(norm):
     assert weights and not (weights & zero)
     opt = build_optimizer(cfg, model)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == cfg.SOLVER.MOMENTUM
+
+
+def _nf_model(detector="mask_rcnn"):
+    from detectron2.modeling import build_model
+
+    fields = ["MODEL.RESNETS.NORM", "NF", "MODEL.FPN.NORM", "NF", "MODEL.ROI_BOX_HEAD.NORM", "NF",
+              "MODEL.ROI_MASK_HEAD.NORM", "NF", "MODEL.DEVICE", "cpu"]
+    cfg = _cfg(*fields)
+    return cfg, build_model(cfg)
+
+
+def test_nf_scaled_ws_biases_and_gains_get_no_weight_decay():
+    """NF paper App. B.1: Scaled WS affine gains and biases are not weight-decayed. Counted per
+    group against an independent walk of the model: every Scaled WS conv contributes its gain
+    and bias, every NF block its SkipInit scalar, and nothing else is exempt."""
+    from d2_norms.modeling.nf_resnet import _NFBlockBase
+
+    cfg, model = _nf_model()
+    decay = _decay_by_name(cfg, model)
+    expected_zero = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, ScaledStdConv2d):
+            expected_zero |= {f"{mname}.gain", f"{mname}.bias"}
+            assert module.bias is not None
+        if isinstance(module, _NFBlockBase):
+            expected_zero.add(f"{mname}.skip_gain")
+    zero = {n for n, d in decay.items() if d == 0.0}
+    assert zero == expected_zero
+    # 69 Scaled WS biases in NF-R18 + FPN + heads used to get decay (issue 13 item 1).
+    n_ws_biases = sum(1 for n in zero if n.endswith(".bias"))
+    assert n_ws_biases == sum(isinstance(m, ScaledStdConv2d) for m in model.modules()) > 20
+    rest = set(decay) - zero
+    assert rest and all(decay[n] == pytest.approx(4e-4) for n in rest)
+    # The ordinary biases (plain convs / linears: the predictors) keep detectron2's rule.
+    assert any(n.endswith(".bias") for n in rest)

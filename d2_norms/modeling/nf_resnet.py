@@ -7,9 +7,14 @@ No activation normalization anywhere. Pre-activation residual blocks (App. E, Fi
 * ``beta_l = sqrt(Var(x_l))`` is the analytic expected std of the block input: Var starts at 1
   after the stem, grows by alpha^2 per block and is reset to 1 + alpha^2 after each transition
   block (sec. 4.5, items 1-2);
-* transition blocks (stride or channel change) put their 1x1 shortcut conv on the down-scaled,
-  pre-activated input ``g(x_l / beta_l)``, exactly like the pre-activation transition block
-  (Fig. 4b) and the paper's reference code, so the skip path restarts at unit variance;
+* transition blocks put their 1x1 shortcut conv on the down-scaled, pre-activated input
+  ``g(x_l / beta_l)``, exactly like the pre-activation transition block (Fig. 4b) and the
+  paper's reference code, so the skip path restarts at unit variance. The first block of every
+  stage is a transition, also where it keeps the shape (res2 of R18/R34: 64 -> 64, stride 1):
+  sec. 4.5 resets the expected variance at the start of each stage, and without the shortcut
+  conv res2's skip path would carry the stem's max-pool output (channel mean ~ +1.5, variance
+  ~ 0.4 at init: squared mean / variance ~ 5) through the whole stage. As in NF-ResNet-50 and
+  timm's NF-ResNets, where each stage starts with a shortcut conv;
 * every conv is a Scaled WS conv (eq. 3) whose gain is the activation's
   ``1 / sqrt(Var(g(x)))``, x ~ N(0,1) (sec. 4.3); the stem conv sees the (linear) image and
   gets gain 1. Convs keep the learnable affine gain and bias of App. B.1;
@@ -73,15 +78,28 @@ class _NFConvFactory:
 
 
 class _NFBlockBase(CNNBlockBase):
+    # Not adaptively clipped (d2_norms.solver.agc): a scalar starting at 0 would be capped at
+    # lr * lambda * 1e-3 per step.
+    d2n_agc_exclude_params = ("skip_gain",)
+
     def __init__(self, in_channels, out_channels, stride, *, alpha, beta, activation,
-                 skip_gain_init):
+                 skip_gain_init, transition=None):
         super().__init__(in_channels, out_channels, stride)
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.activation_name = activation
-        self.is_transition = in_channels != out_channels or stride != 1
+        reshapes = in_channels != out_channels or stride != 1
+        if transition is None:
+            transition = reshapes
+        elif reshapes and not transition:
+            raise ValueError(
+                f"transition=False is impossible for a block changing the shape ({in_channels} "
+                f"-> {out_channels} channels, stride {stride}): its skip path needs a shortcut "
+                "conv; pass transition=True or None")
+        # A transition block's skip path is a 1x1 conv on g(x / beta) (sec. 4.5).
+        self.is_transition = bool(transition)
         # SkipInit (De & Smith 2020; NF paper sec. 4.4): learnable scalar, 0 at init by default.
         self.skip_gain = nn.Parameter(torch.tensor(float(skip_gain_init)))
         # Marks f_l(x_l / beta_l), before alpha and the skip gain, for Signal Propagation Plots.
@@ -99,9 +117,10 @@ class NFBasicBlock(_NFBlockBase):
     """Pre-activation basic block: g -> 3x3 conv -> g -> 3x3 conv."""
 
     def __init__(self, in_channels, out_channels, *, stride=1, alpha=0.2, beta=1.0,
-                 activation="relu", skip_gain_init=0.0, conv_factory=None):
+                 activation="relu", skip_gain_init=0.0, conv_factory=None, transition=None):
         super().__init__(in_channels, out_channels, stride, alpha=alpha, beta=beta,
-                         activation=activation, skip_gain_init=skip_gain_init)
+                         activation=activation, skip_gain_init=skip_gain_init,
+                         transition=transition)
         conv = conv_factory or _NFConvFactory(True, activation)
         self.act1 = _layers.nf_activation(activation)
         self.shortcut = (conv(in_channels, out_channels, 1, stride=stride)
@@ -121,9 +140,10 @@ class NFBottleneckBlock(_NFBlockBase):
 
     def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1,
                  num_groups=1, stride_in_1x1=False, dilation=1, alpha=0.2, beta=1.0,
-                 activation="relu", skip_gain_init=0.0, conv_factory=None):
+                 activation="relu", skip_gain_init=0.0, conv_factory=None, transition=None):
         super().__init__(in_channels, out_channels, stride, alpha=alpha, beta=beta,
-                         activation=activation, skip_gain_init=skip_gain_init)
+                         activation=activation, skip_gain_init=skip_gain_init,
+                         transition=transition)
         conv = conv_factory or _NFConvFactory(True, activation)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.act1 = _layers.nf_activation(activation)
@@ -199,9 +219,10 @@ def build_nf_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     specs = stage_specs(cfg)
     transitions = []
     for spec in specs:
+        # The first block of every stage is a transition (see the module docstring).
         in_ch, flags = spec["in_channels"], []
-        for stride in spec["strides"]:
-            flags.append(in_ch != spec["out_channels"] or stride != 1)
+        for i, stride in enumerate(spec["strides"]):
+            flags.append(i == 0 or in_ch != spec["out_channels"] or stride != 1)
             in_ch = spec["out_channels"]
         transitions.append(flags)
     betas = nf_betas([s["num_blocks"] for s in specs], transitions, alpha)
@@ -209,20 +230,20 @@ def build_nf_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     common = dict(alpha=alpha, activation=activation, skip_gain_init=nf.SKIP_GAIN_INIT,
                   conv_factory=conv)
     stages = []
-    for spec, stage_betas in zip(specs, betas):
+    for spec, stage_betas, stage_transitions in zip(specs, betas, transitions):
         blocks = []
         in_channels = spec["in_channels"]
-        for stride, beta in zip(spec["strides"], stage_betas):
+        for stride, beta, transition in zip(spec["strides"], stage_betas, stage_transitions):
             if "bottleneck_channels" in spec:
                 block = NFBottleneckBlock(
                     in_channels, spec["out_channels"],
                     bottleneck_channels=spec["bottleneck_channels"], stride=stride,
                     num_groups=spec["num_groups"], stride_in_1x1=spec["stride_in_1x1"],
-                    dilation=spec["dilation"], beta=beta, **common,
+                    dilation=spec["dilation"], beta=beta, transition=transition, **common,
                 )
             else:
                 block = NFBasicBlock(in_channels, spec["out_channels"], stride=stride,
-                                     beta=beta, **common)
+                                     beta=beta, transition=transition, **common)
             blocks.append(block)
             in_channels = spec["out_channels"]
         stages.append(blocks)

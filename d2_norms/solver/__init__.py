@@ -1,3 +1,10 @@
+from .agc import (
+    adaptive_clip_grad_,
+    agc_excluded_parameter_names,
+    agc_param_groups,
+    unitwise_norm,
+    with_adaptive_gradient_clipping,
+)
 from .lr_schedule import CosineRampParamScheduler, build_lr_scheduler
 from .optimizer import (
     build_optimizer,
@@ -6,5 +13,6 @@ from .optimizer import (
     normalizer_parameter_names,
 )
 
-__all__ = ["CosineRampParamScheduler", "build_lr_scheduler", "build_optimizer",
+__all__ = ["adaptive_clip_grad_", "agc_excluded_parameter_names", "agc_param_groups",
+           "unitwise_norm", "with_adaptive_gradient_clipping", "CosineRampParamScheduler", "build_lr_scheduler", "build_optimizer",
            "get_optimizer_param_groups", "is_normalizer_module", "normalizer_parameter_names"]

@@ -5,13 +5,22 @@ d2_norms' layers (FRN gamma/beta/tau/learned eps, GN/WS variants, Scaled WS gain
 scalars) would silently get the normal weight decay. Here a parameter is a "normalizer parameter"
 when its module is a normalization layer (torch's, detectron2's, d2_norms' FRN/TLU/affine, or
 any module with ``d2n_is_normalizer = True``), or when its module lists it in ``d2n_norm_params``
-(a tuple of parameter names; Scaled WS gains and NF SkipInit scalars are listed here).
+(a tuple of parameter names; Scaled WS gains and biases and NF SkipInit scalars are listed here).
+
+NF paper App. B.1: the affine gain and bias of every Scaled WS conv are normalizer parameters
+("we do not weight decay or otherwise regularize these weights"), so a Scaled WS conv's bias gets
+WEIGHT_DECAY_NORM (and the base lr), not the ordinary bias treatment.
+
+``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "agc"`` selects Adaptive Gradient Clipping
+(:mod:`d2_norms.solver.agc`); the other clip types are detectron2's.
 """
 from typing import Dict, List
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.solver.build import maybe_add_gradient_clipping
+
+from . import agc
 
 TORCH_NORM_TYPES = (
     torch.nn.modules.batchnorm._BatchNorm,
@@ -38,6 +47,7 @@ def _listed_norm_params(module: torch.nn.Module):
     listed = set(getattr(module, "d2n_norm_params", ()))
     if isinstance(module, ScaledStdConv2d):
         listed.add("gain")  # NF eq. 3 affine gain
+        listed.add("bias")  # NF App. B.1: the affine bias is not weight-decayed either
     if isinstance(module, _NFBlockBase):
         listed.add("skip_gain")  # SkipInit scalar
     return listed
@@ -84,9 +94,23 @@ def get_optimizer_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
     return groups
 
 
+def _uses_agc(cfg) -> bool:
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    return bool(clip.ENABLED) and str(clip.CLIP_TYPE).lower() == agc.CLIP_TYPE
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov from SOLVER) with the groups above and SOLVER.CLIP_GRADIENTS."""
+    """SGD (momentum, nesterov from SOLVER) with the groups above and SOLVER.CLIP_GRADIENTS:
+    detectron2's "value" / "norm" clipping, or "agc" (CLIP_VALUE = AGC's lambda; the final
+    prediction layers are not clipped, see :mod:`d2_norms.solver.agc`)."""
     groups = get_optimizer_param_groups(cfg, model)
-    sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+    if _uses_agc(cfg):
+        options = agc.agc_param_group_options(model)
+        for group in groups:
+            group.update(options.get(group["name"], {}))
+        sgd = agc.with_adaptive_gradient_clipping(torch.optim.SGD,
+                                                  cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE)
+    else:
+        sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
     return sgd(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
                nesterov=cfg.SOLVER.NESTEROV)
