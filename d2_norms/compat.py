@@ -215,6 +215,92 @@ def _patch_numpy_aliases() -> None:
             _APPLIED.append(f"numpy.{name} = {value.__name__}")
 
 
+class MissingCaffe2Error(RuntimeError):
+    """Raised by detectron2 v0.6's caffe2-only export API when caffe2 is absent (torch 2.x)."""
+
+
+_CAFFE2_HINT = (
+    "caffe2, which torch 2.x no longer ships (d2_norms made detectron2 v0.6's "
+    "detectron2.export importable without it). Export to TorchScript instead: "
+    "detectron2.export.TracingAdapter / scripting_with_instances, or tools/export_model.py.")
+
+
+class _Caffe2Name:
+    """Any caffe2 name detectron2.export v0.6 reads at import time (annotations such as
+    ``caffe2_pb2.NetDef``): it exists, and raises :class:`MissingCaffe2Error` when called."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Caffe2Name(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise MissingCaffe2Error(f"{self._name} needs {_CAFFE2_HINT}")
+
+    def __repr__(self):
+        return f"<{self._name}: caffe2 is not installed>"
+
+
+class _Caffe2Module(types.ModuleType):
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Caffe2Name(f"{self.__name__}.{attr}")
+
+
+def _make_detectron2_export_importable() -> None:
+    """detectron2 v0.6's ``detectron2.export`` imports caffe2 at module top (torch 2.x has none),
+    so ``TracingAdapter`` / ``scripting_with_instances`` were unreachable. Import it once with
+    stand-in caffe2 modules that exist only during that import (``import caffe2`` still fails
+    afterwards), then make the caffe2-only API (Caffe2Tracer, Caffe2Model, export_caffe2_model,
+    export_onnx_model) raise :class:`MissingCaffe2Error`. Nothing happens where
+    ``detectron2.export`` imports as it is (detectron2 main: caffe2 optional) or caffe2 exists.
+    """
+    if ("detectron2.export" in sys.modules or importlib.util.find_spec("detectron2") is None
+            or importlib.util.find_spec("caffe2") is not None):
+        return
+    try:
+        import detectron2.export  # noqa: F401
+
+        return
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("caffe2"):
+            return  # something else is missing: leave detectron2's own error for its import
+    names = ("caffe2", "caffe2.proto", "caffe2.proto.caffe2_pb2", "caffe2.python",
+             "caffe2.python.core", "caffe2.python.utils", "caffe2.python.net_drawer",
+             "caffe2.python.workspace", "caffe2.python.onnx", "caffe2.python.onnx.backend")
+    added = [n for n in names if n not in sys.modules]
+    for n in added:
+        sys.modules[n] = _Caffe2Module(n, "d2_norms stand-in: caffe2 is not installed")
+    try:
+        import detectron2.export as d2_export
+        from detectron2.export import api as d2_export_api
+    finally:
+        for n in added:
+            sys.modules.pop(n, None)
+
+    def refuse(name):
+        def caffe2_only(*args, **kwargs):
+            raise MissingCaffe2Error(f"detectron2.export.{name} needs {_CAFFE2_HINT}")
+
+        caffe2_only.__name__ = caffe2_only.__qualname__ = name
+        return caffe2_only
+
+    for name in ("Caffe2Tracer", "Caffe2Model"):
+        cls = getattr(d2_export_api, name, None)
+        if isinstance(cls, type):
+            cls.__init__ = refuse(name)
+    for name in ("export_caffe2_model", "export_onnx_model"):
+        if hasattr(d2_export_api, name):
+            setattr(d2_export_api, name, refuse(name))
+            setattr(d2_export, name, getattr(d2_export_api, name))
+    _APPLIED.append("detectron2.export without caffe2 (TorchScript export works; caffe2-only "
+                    "API raises MissingCaffe2Error)")
+
+
 def apply() -> List[str]:
     """Apply every needed patch once; return the list of what was patched in this process."""
     if not _APPLIED:
@@ -222,6 +308,7 @@ def apply() -> List[str]:
         _patch_numpy_aliases()
         _install_pkg_resources_shim()
         _install_c_extension_placeholder()
+        _make_detectron2_export_importable()
         if not _APPLIED:
             _APPLIED.append("nothing (full detectron2 / older libraries)")
     return list(_APPLIED)

@@ -74,7 +74,8 @@ def _rstd(x2, eps) -> torch.Tensor:
     return torch.rsqrt(nu2 + eps.to(acc))
 
 
-def _frn_forward_kernel(x2, gamma_r, beta_r, tau_r, eps) -> torch.Tensor:
+def _frn_forward_kernel(x2, gamma_r, beta_r, tau_r: Optional[torch.Tensor],
+                        eps) -> torch.Tensor:
     rstd = _rstd(x2, eps)
     scale = (rstd * _acc(gamma_r, x2)).unsqueeze(1)
     y = torch.addcmul(_acc(beta_r, x2).unsqueeze(1), _acc(x2, x2), scale)  # eq. 2
@@ -320,8 +321,9 @@ def filter_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         eps_t = torch.full((), float(eps), dtype=torch.float32, device=x.device)
     else:
         eps_t = eps.reshape(())
-    if (x.numel() == 0 or torch.jit.is_scripting() or torch.jit.is_tracing()
-            or x.shape[0] * x.shape[1] == 1):
+    if torch.jit.is_tracing():
+        return _frn_inference(x, weight, bias, tau, eps_t)
+    if x.numel() == 0 or x.shape[0] * x.shape[1] == 1:
         return frn_reference(x, weight, bias, tau, eps_t)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or bias.requires_grad
@@ -338,6 +340,31 @@ def filter_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         else:
             out = _run("fwd_plain", x2, _rows(weight, n), _rows(bias, n), eps_t)
     return out.view(x.shape)
+
+
+def _frn_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   tau: Optional[torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
+    """The eager forward kernel on the ``(N*C, H*W)`` view, as plain ops: TorchScript and
+    ``torch.jit.trace`` run this (no autograd op, no compiled kernel, no Python-only calls), so
+    an exported FRN computes what the eager layer computes in eval mode, op for op.
+
+    Differentiable (plain ops), so a trace taken with gradients enabled still works. Shapes
+    come from ``x`` at run time (an ROI head's batch changes per image). The one difference to
+    eager: an input with N*C == 1 goes through the same kernel here, eager uses
+    :func:`frn_reference` for it (same math, a different summation order: ~1e-7).
+    """
+    n = x.shape[0]
+    c = x.shape[1]
+    length = 1
+    for d in x.shape[2:]:
+        length = length * d
+    x2 = x.reshape(n * c, length)  # explicit length: reshape(0, -1) of an empty batch fails
+    gamma_r = weight.reshape(1, -1).expand(n, -1).reshape(-1)
+    beta_r = bias.reshape(1, -1).expand(n, -1).reshape(-1)
+    tau_r: Optional[torch.Tensor] = None
+    if tau is not None:
+        tau_r = tau.reshape(1, -1).expand(n, -1).reshape(-1)
+    return _frn_forward_kernel(x2, gamma_r, beta_r, tau_r, eps).view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,11 +472,24 @@ class FilterResponseNorm2d(nn.Module):
         return self.eps + self.eps_l.abs()
 
     def forward(self, x):
-        if x.dim() >= 2 and x.shape[1] != self.num_features:
+        if x.dim() < 2:
+            raise ValueError(f"FRN expects an (N, C, ...) input, got shape {list(x.shape)}")
+        if x.shape[1] != self.num_features:
             raise ValueError(
                 f"FilterResponseNorm2d({self.num_features}) got an input with {x.shape[1]} "
-                f"channels (shape {tuple(x.shape)})")
-        return filter_response_norm(x, self.weight, self.bias, self.tau, self.effective_eps())
+                f"channels (shape {list(x.shape)})")
+        if torch.jit.is_scripting():
+            # TorchScript: the eager kernel as plain ops (the autograd op, the compiled kernels
+            # and their Python dispatch are training/eager machinery; see _frn_inference).
+            eps_l = self.eps_l
+            if eps_l is None:
+                eps = torch.full((), self.eps, dtype=torch.float32, device=x.device)
+            else:
+                eps = (self.eps + eps_l.abs()).reshape(())
+            return _frn_inference(x, self.weight, self.bias, self.tau, eps)
+        else:
+            return filter_response_norm(x, self.weight, self.bias, self.tau,
+                                        self.effective_eps())
 
     def extra_repr(self):
         eps = f"eps={self.eps:g}" + (" + |eps_l| (learned)" if self.learned_eps else "")

@@ -97,11 +97,14 @@ class GroupNorm(nn.GroupNorm):
         self.requested_channels_per_group = channels_per_group
 
     def forward(self, x):
+        # Written for TorchScript too (F.group_norm instead of super().forward, a list for the
+        # shape): stock detectron2 models holding this layer stay scriptable.
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(
-                f"GroupNorm({self.num_channels} channels) got an input of shape {tuple(x.shape)}")
-        if x.dtype in (torch.float16, torch.bfloat16):
-            weight = self.weight.float() if self.weight is not None else None
-            bias = self.bias.float() if self.bias is not None else None
+                f"GroupNorm({self.num_channels} channels) got an input of shape {list(x.shape)}")
+        weight, bias = self.weight, self.bias
+        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+            weight = weight.float() if weight is not None else None
+            bias = bias.float() if bias is not None else None
             return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
-        return super().forward(x)
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)

@@ -51,9 +51,11 @@ Detectron2 integration (:func:`patch_detectron2`, run on ``import d2_norms.layer
   semantic seg; third-party projects imported earlier) are replaced by :func:`get_norm`, so stock components honour the names from
   YAML (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, ``MODEL.RETINANET.NORM``,
   ``MODEL.ROI_BOX_HEAD.NORM``, ``MODEL.ROI_MASK_HEAD.NORM``) and LazyConfig ``norm=`` values.
-  Modules imported later get it because they import it from ``detectron2.layers``. Names our
-  registry does not know are passed to the original function (newer detectron2 names like
-  ``LN`` keep working).
+  Modules imported later get it because they import it from ``detectron2.layers``. What is
+  bound there is :func:`detectron2_get_norm`: names detectron2 itself knows (BN, SyncBN,
+  FrozenBN, GN, LN, ... and callables) go to detectron2's own function, so importing d2_norms
+  changes no stock model (same classes, nothing for :func:`adapt_norms` to do); only the other
+  names (FRN, GNWS, NF, GN_G<G>, ...) come from this registry.
 * RetinaNet v0.6 trap: ``RetinaNetHead.__init__`` calls ``get_norm(norm, 1)`` only to read the
   layer type (GroupNorm(32, 1) would fail). RetinaNet's binding recognises that probe (a call
   from ``RetinaNetHead.__init__`` before its subnets exist) and builds the norm at the width of
@@ -105,6 +107,7 @@ __all__ = [
     "make_conv",
     "adapt_norms",
     "patch_detectron2",
+    "detectron2_get_norm",
     "norm_name_of",
 ]
 
@@ -783,6 +786,40 @@ def _adapt_resnet_block(block: nn.Module) -> None:
 _PATCH_STATE: Dict[str, object] = {}
 
 
+def detectron2_get_norm(norm, out_channels):
+    """What detectron2's ``get_norm`` is after ``import d2_norms``.
+
+    Names detectron2 itself knows (``""``, BN, SyncBN, FrozenBN, GN, nnSyncBN, naiveSyncBN,
+    and on newer versions naiveSyncBN_N, LN) and callables go to detectron2's own function, so
+    a stock model gets exactly the modules it gets without d2_norms (same classes; unmarked, so
+    :func:`adapt_norms` leaves them alone). Only names detectron2 rejects (FRN, GNWS, NF,
+    GN_G<G>, ...) come from this registry. d2_norms' own components ask :func:`get_norm`
+    (the registry) directly.
+    """
+    original = _original_get_norm()
+    if original is not None and not (isinstance(norm, str) and norm and norm not in
+                                     _detectron2_norm_names()):
+        return original(norm, out_channels)
+    return get_norm(norm, out_channels)
+
+
+def _detectron2_norm_names() -> frozenset:
+    """The names detectron2's own get_norm accepts (probed once: they differ by version)."""
+    names = _PATCH_STATE.get("detectron2_names")
+    if names is None:
+        original = _original_get_norm()
+        found = set()
+        for name in ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN",
+                     "naiveSyncBN_N", "LN"):
+            try:
+                original(name, 32)
+            except KeyError:
+                continue
+            found.add(name)
+        names = _PATCH_STATE["detectron2_names"] = frozenset(found)
+    return names
+
+
 def _retinanet_get_norm(norm, out_channels):
     """get_norm bound in detectron2's retinanet module: resolves the v0.6 type probe."""
     frame = sys._getframe(1)
@@ -802,10 +839,10 @@ def _retinanet_get_norm(norm, out_channels):
                     width = out_channels
                 # The probe only reads the type name; build it at the real layers' width so a
                 # width that G does not divide reports the width the subnets will have.
-                return get_norm(norm, width)
+                return detectron2_get_norm(norm, width)
     finally:
         del frame
-    return get_norm(norm, out_channels)
+    return detectron2_get_norm(norm, out_channels)
 
 
 def _wrap_init(cls):
@@ -841,14 +878,14 @@ def patch_detectron2() -> bool:
         _PATCH_STATE["done"] = True
         return True
     _PATCH_STATE["original"] = original
-    d2_bn.get_norm = get_norm
-    d2_layers.get_norm = get_norm
+    d2_bn.get_norm = detectron2_get_norm
+    d2_layers.get_norm = detectron2_get_norm
     # Every module that bound the original by name so far (detectron2's own modules, and any
     # third-party detectron2 project imported before d2_norms); identity check only.
     for mod in list(sys.modules.values()):
         try:
             if getattr(mod, "get_norm", None) is original:
-                mod.get_norm = get_norm
+                mod.get_norm = detectron2_get_norm
         except Exception:  # exotic lazy modules may raise on attribute access
             continue
     try:

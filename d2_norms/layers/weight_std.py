@@ -18,7 +18,7 @@ Both classes subclass detectron2's ``Conv2d`` when detectron2 is importable, so 
 """
 import functools
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,8 @@ WS_EPS = 1e-6
 RELU_GAIN = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 
 
-def _standardize_rows(w2, row_scale, eps):
+def _standardize_rows(w2: torch.Tensor, row_scale: Optional[torch.Tensor],
+                      eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``((W - mean) * rstd * s, mean, rstd)`` per row of a 2-D weight, stats in float32.
 
     Few passes over the weight (mean, subtract, norm, scale in place): at 1-2 images per GPU
@@ -58,7 +59,9 @@ def _standardize_rows(w2, row_scale, eps):
     out = w - mean
     var = torch.linalg.vector_norm(out, 2, dim=1, keepdim=True).square() / w.shape[1]
     rstd = torch.rsqrt(var + eps)
-    factor = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
+    factor = rstd
+    if row_scale is not None:
+        factor = rstd * row_scale.to(acc).view(-1, 1)
     return out.mul_(factor).to(w2.dtype), mean, rstd
 
 
@@ -188,15 +191,27 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
             self.norm, self.activation = self._norm, self._activation
             del self._norm, self._activation
 
-    def _row_scale(self):
+    def _row_scale(self) -> Optional[torch.Tensor]:
         """Per-output-channel factor after standardization (None: 1)."""
         return None
 
     def standardized_weight(self) -> torch.Tensor:
         """The weight the convolution uses (differentiable)."""
         w2 = self.weight.reshape(self.out_channels, -1)
+        if torch.jit.is_tracing():
+            # Plain ops: a trace must not record the autograd op (a Python op that cannot be
+            # saved); same numbers, as the op's forward is this function.
+            return _standardize_rows(w2, self._row_scale(), float(self.eps))[0].view(
+                self.weight.shape)
         return _StandardizeWeight.apply(w2, self._row_scale(), float(self.eps)).view(
             self.weight.shape)
+
+    def _scripted_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """TorchScript's forward: standardize (plain ops, as the eager op's forward) + conv."""
+        w2 = self.weight.reshape(self.out_channels, -1)
+        weight = _standardize_rows(w2, self._row_scale(), self.eps)[0].view(self.weight.shape)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
     def _fused(self, x) -> bool:
         return (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
@@ -208,7 +223,12 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
     _ws_shared_weight = None
 
     def forward(self, x):
-        if self._ws_sharing:
+        if torch.jit.is_scripting():
+            # Training-only machinery (fused autograd op, per-forward weight sharing) is left out
+            # of TorchScript; for export, fold_weight_standardization removes the
+            # standardization altogether.
+            x = self._scripted_conv(x)
+        elif self._ws_sharing:
             # A head running this conv on every pyramid level: standardize once per forward;
             # every level's conv saves this same tensor (one copy, not one per level).
             if self._ws_shared_weight is None:
@@ -310,9 +330,10 @@ class ScaledStdConv2d(_Conv2dBase):
     def fan_in(self) -> int:
         return self.weight[0].numel()
 
-    def _row_scale(self):
+    def _row_scale(self) -> Optional[torch.Tensor]:
         # eq. 3: gamma * (W - mu) / (sigma * sqrt(N)), times the learned gain g_c.
-        return self.gain.reshape(-1) * (self.gamma / math.sqrt(self.fan_in))
+        # (fan-in written out: TorchScript compiles no properties of a scripted module)
+        return self.gain.reshape(-1) * (self.gamma / math.sqrt(self.weight[0].numel()))
 
     def extra_repr(self):
         return super().extra_repr() + f", gamma={self.gamma:.6g}, eps={self.eps:g}"
@@ -323,14 +344,24 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
 
     Returns ``model`` (or the folded conv when ``model`` itself is one). Use for inference:
     the outputs are unchanged (up to float rounding) and the per-step standardization is gone.
+    Lists holding a folded conv (detectron2 heads keep their convs in lists too, e.g. FPN's
+    ``lateral_convs``) are updated, and the weight-sharing hooks of
+    :func:`share_standardized_weights` are removed.
     """
     if isinstance(model, _Conv2dBase):
         return model.fold()
     for name, child in list(model.named_children()):
         if isinstance(child, _Conv2dBase):
-            setattr(model, name, child.fold())
+            folded = child.fold()
+            setattr(model, name, folded)
+            for value in vars(model).values():
+                if isinstance(value, list):
+                    for i, item in enumerate(value):
+                        if item is child:
+                            value[i] = folded
         else:
             fold_weight_standardization(child)
+    _unshare_standardized_weights(model)
     return model
 
 
@@ -354,11 +385,24 @@ def share_standardized_weights(module: nn.Module) -> nn.Module:
     """
     if getattr(module, "_d2n_shares_ws", False):
         return module
-    module.register_forward_pre_hook(lambda mod, args: _set_ws_sharing(mod, True))
-    module.register_forward_hook(lambda mod, args, out: _set_ws_sharing(mod, False),
-                                 always_call=True)
+    handles = (
+        module.register_forward_pre_hook(lambda mod, args: _set_ws_sharing(mod, True)),
+        module.register_forward_hook(lambda mod, args, out: _set_ws_sharing(mod, False),
+                                     always_call=True),
+    )
     module._d2n_shares_ws = True
+    module._d2n_ws_hooks = handles  # removed by fold_weight_standardization
     return module
+
+
+def _unshare_standardized_weights(module: nn.Module) -> None:
+    """Remove :func:`share_standardized_weights`' hooks: nothing is left to share once the
+    convs are folded, and TorchScript cannot compile the Python hooks."""
+    for handle in getattr(module, "_d2n_ws_hooks", ()):
+        handle.remove()
+    for attr in ("_d2n_ws_hooks", "_d2n_shares_ws"):
+        if attr in module.__dict__:
+            delattr(module, attr)
 
 
 # ---------------------------------------------------------------------------------------------
