@@ -282,7 +282,10 @@ def test_torchrun_bad_input_found_on_rank0_stops_every_rank_before_writing(tmp_p
     assert out.returncode != 0
     assert "ERROR (UnknownNormError)" in out.stderr and "Unknown norm 'GroupNorm'" in out.stderr
     assert "exitcode  : 2" in out.stderr
-    assert "Traceback" not in out.stderr.split("ChildFailedError")[0]
+    ours = [line for line in out.stderr.splitlines() if line.strip().startswith("File ")
+            and (TRAIN_NET in line or os.path.join(REPO, "d2_norms") in line)]
+    assert not ours, ours  # no traceback from the workers (torchrun prints its own)
+    assert "Rank of current process" not in out.stdout + out.stderr  # training never set up
     assert not (tmp_path / "o").exists()
 
 
@@ -324,7 +327,7 @@ def test_torchrun_trains_one_job_of_two_processes(torchrun_run):
     # One writer (rank 0): each iteration logged once, one finished status, one results file.
     with open(torchrun_run / "metrics.json") as f:
         iters = [json.loads(line)["iteration"] for line in f if "total_loss" in line]
-    assert iters == [0, 1, 2, 3]
+    assert iters == [3]  # detectron2's writers log every 20 iterations and at the end
     assert json.loads((torchrun_run / "run_status.json").read_text())["state"] == "finished"
     results = json.loads((torchrun_run / "results.json").read_text())
     assert results["run"]["world_size"] == 2 and results["run"]["images_per_gpu"] == 2
