@@ -16,6 +16,16 @@ nothing is hand-computed.
   auto-scaling keeps the per-GPU batch and rescales lr, iterations, warm-up, steps, checkpoint and
   eval periods linearly, which is exactly the rules above evaluated at the new total batch.
 - Weight decay is 0 on every normalizer parameter (GN paper sec. 4.2; ``d2_norms.solver``).
+- RetinaNet cells exist for each FRN base lr (0.01 / 0.05 / 0.1; sec. 4.3 reports the best):
+  the 0.05 cell keeps the plain name, the others carry an ``_lr0.01`` / ``_lr0.1`` suffix.
+- Mask R-CNN trains single-scale, shorter side 800 (max 1333), as the Detectron config behind
+  GN Table 7; every Mask R-CNN cell does, so a row differs from the next only in its normalizer
+  and batch (docs/recipes.md).
+- BN / SyncBN Mask R-CNN cells re-estimate BN statistics before each evaluation (PreciseBN,
+  as detectron2's SyncBN Mask R-CNN configs).
+- NF cells add adaptive gradient clipping (lambda ``NF_AGC_CLIPPING``) to the table's schedule
+  (docs/recipes.md: why this lr, warm-up and lambda).
+Every decision, with its reason: docs/recipes.md.
 """
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
@@ -45,6 +55,15 @@ GN_SCHEDULES = {  # name -> (iterations, lr steps) at the reference batch 16
 }
 GN_WEIGHT_DECAY = 1e-4
 GN_REFERENCE_WARMUP = 1000
+
+# GN Table 7's Detectron config: single-scale training, shorter side 800, longer side <= 1333.
+GN_MIN_SIZE_TRAIN = (800,)
+GN_MAX_SIZE_TRAIN = 1333
+# detectron2 enables PreciseBN in its SyncBN Mask R-CNN configs (Misc/*syncbn*.yaml).
+PRECISE_BN_CELLS = {("mask_rcnn", "BN"), ("mask_rcnn", "SyncBN")}
+# NF recipe: AGC lambda (Brock et al. 2021 sec. 4.1) measured on the synthetic set at batch 4
+# (docs/recipes.md): the only lambda of {0.01, 0.04, 0.1} stable at 16x the cell's per-image lr.
+NF_AGC_CLIPPING = 0.04
 
 CHECKPOINTS_PER_RUN = 25
 EVALS_PER_RUN = 5
@@ -163,8 +182,12 @@ def norm_fields(detector: str, normalizer: str) -> Dict[str, str]:
 
 
 def config_name(detector: str, depth: int, normalizer: str, images_per_gpu: int,
-                length: Optional[str] = None) -> str:
+                length: Optional[str] = None, frn_base_lr: Optional[float] = None) -> str:
     suffix = f"_{length}" if length and length != "3x" else ""
+    if frn_base_lr is not None and frn_base_lr != FRN_DEFAULT_BASE_LR:
+        if detector != "retinanet":
+            raise ValueError("frn_base_lr applies to RetinaNet (FRN recipe) cells only")
+        suffix += f"_lr{frn_base_lr:g}"
     return f"{detector}_R_{depth}_FPN_{normalizer}_{images_per_gpu}img{suffix}.yaml"
 
 
@@ -206,17 +229,40 @@ def _dump(node: Dict, indent: int = 0):
             yield " " * indent + f"{key}: {_yaml_value(value)}"
 
 
+def extra_fields(detector: str, normalizer: str) -> Dict[str, object]:
+    """Per-cell settings beyond the schedule: input sizes, PreciseBN, the NF recipe's AGC."""
+    flat: Dict[str, object] = {}
+    if detector == "mask_rcnn":
+        flat["INPUT.MIN_SIZE_TRAIN"] = GN_MIN_SIZE_TRAIN
+        flat["INPUT.MAX_SIZE_TRAIN"] = GN_MAX_SIZE_TRAIN
+    if normalizer == "NF":
+        flat.update({"SOLVER.CLIP_GRADIENTS.ENABLED": True,
+                     "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "agc",
+                     "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": NF_AGC_CLIPPING})
+    if (detector, normalizer) in PRECISE_BN_CELLS:
+        flat["TEST.PRECISE_BN.ENABLED"] = True
+    return flat
+
+
 def render_config(detector: str, depth: int, normalizer: str, images_per_gpu: int,
-                  length: str = "3x", frn_base_lr: float = FRN_DEFAULT_BASE_LR) -> str:
-    """The YAML text of one matrix cell."""
-    sched = schedule_for(detector, images_per_gpu, frn_base_lr=frn_base_lr, length=length)
-    name = config_name(detector, depth, normalizer, images_per_gpu, length)
+                  length: str = "3x", frn_base_lr: Optional[float] = None) -> str:
+    """The YAML text of one matrix cell (``frn_base_lr`` None: the FRN default 0.05)."""
+    lr = FRN_DEFAULT_BASE_LR if frn_base_lr is None else frn_base_lr
+    sched = schedule_for(detector, images_per_gpu, frn_base_lr=lr, length=length)
+    name = config_name(detector, depth, normalizer, images_per_gpu, length,
+                       frn_base_lr if detector == "retinanet" else None)
     flat: Dict[str, object] = {"MODEL.RESNETS.DEPTH": depth}
     flat.update(norm_fields(detector, normalizer))
     flat.update({f"SOLVER.{k}": v for k, v in sched.solver_dict().items()})
+    extra = extra_fields(detector, normalizer)
+    flat.update({k: v for k, v in extra.items() if k.startswith("SOLVER.")})
+    flat.update({k: v for k, v in extra.items() if k.startswith("INPUT.")})
     flat["TEST.EVAL_PERIOD"] = sched.eval_period
+    flat.update({k: v for k, v in extra.items() if k.startswith("TEST.")})
     flat["OUTPUT_DIR"] = "output/COCO-scratch/" + name[: -len(".yaml")]
     note = RECIPE_NOTES[detector].format(GN_SCHEDULES[length][0] if detector == "mask_rcnn" else "")
+    if detector == "retinanet":
+        note += f"; base_lr {lr:g} of the paper's sweep {{0.01, 0.05, 0.1}}"
     header = [
         "# Generated by tools/make_configs.py from d2_norms/recipes.py: edit the rule, not this file.",
         f"# {DETECTOR_TITLES[detector]} R{depth}-FPN from scratch, {normalizer}, "
@@ -229,18 +275,23 @@ def render_config(detector: str, depth: int, normalizer: str, images_per_gpu: in
 
 
 def matrix_cells():
-    """(detector, depth, normalizer, images_per_gpu, length) of every generated config."""
+    """(detector, depth, normalizer, images_per_gpu, length, frn_base_lr) of every generated
+    config; ``frn_base_lr`` is None for Mask R-CNN."""
     for detector in DETECTORS:
         for depth in DEPTHS:
             for normalizer in NORMALIZERS:
                 for ims in IMAGES_PER_GPU:
-                    yield detector, depth, normalizer, ims, "3x"
+                    if detector == "retinanet":
+                        for lr in FRN_BASE_LRS:
+                            yield detector, depth, normalizer, ims, "3x", lr
+                    else:
+                        yield detector, depth, normalizer, ims, "3x", None
     for normalizer in NORMALIZERS:
         for ims in IMAGES_PER_GPU:
-            yield "mask_rcnn", 50, normalizer, ims, "9x"
+            yield "mask_rcnn", 50, normalizer, ims, "9x", None
 
 
-def write_matrix(out_dir: str, check: bool = False, **kwargs):
+def write_matrix(out_dir: str, check: bool = False):
     """Write (or with ``check`` compare) every matrix config; return the names that differ.
 
     Files are written to a temporary name then renamed, so an interrupted run leaves no
@@ -251,10 +302,10 @@ def write_matrix(out_dir: str, check: bool = False, **kwargs):
 
     changed = []
     expected = set()
-    for detector, depth, normalizer, ims, length in matrix_cells():
-        name = config_name(detector, depth, normalizer, ims, length)
+    for cell in matrix_cells():
+        name = config_name(*cell)
         expected.add(name)
-        text = render_config(detector, depth, normalizer, ims, length, **kwargs)
+        text = render_config(*cell)
         path = os.path.join(out_dir, name)
         current = open(path).read() if os.path.exists(path) else None
         if current == text:
@@ -271,9 +322,9 @@ def write_matrix(out_dir: str, check: bool = False, **kwargs):
 # The papers' settings as cells of the matrix above.
 PAPER_TABLES = {
     # FRN paper Table 6: RetinaNet R101-FPN from scratch, BN / GN / FRN at 8, 4, 2 images per
-    # GPU on 8 GPUs.
-    "frn-table6": [("retinanet", 101, norm, ims, "3x")
-                   for norm in ("BN", "GN", "FRN") for ims in (8, 4, 2)],
+    # GPU on 8 GPUs, each at base lr 0.01, 0.05 and 0.1 (sec. 4.3 reports the best).
+    "frn-table6": [("retinanet", 101, norm, ims, "3x", lr)
+                   for norm in ("BN", "GN", "FRN") for ims in (8, 4, 2) for lr in FRN_BASE_LRS],
     # GN paper Table 7: Mask R-CNN R50/R101-FPN with GN from scratch, batch 16 (2 per GPU on 8).
-    "gn-table7": [("mask_rcnn", depth, "GN", 2, "3x") for depth in (50, 101)],
+    "gn-table7": [("mask_rcnn", depth, "GN", 2, "3x", None) for depth in (50, 101)],
 }

@@ -42,7 +42,7 @@ def _metrics(ap):
 
 
 def make_run(root, name, *, arch="RetinaNet", norm="FRN", ims=16, ref=8, state="finished",
-             ap=None, mask_ap=None, iteration=99, logged=None):
+             ap=None, mask_ap=None, iteration=99, logged=None, base_lr=None):
     """A run directory as tools/train_net.py leaves it: config.yaml (detectron2's dump),
     run_status.json, metrics.json and, when evaluated, results.json."""
     cfg = get_cfg()
@@ -61,6 +61,8 @@ def make_run(root, name, *, arch="RetinaNet", norm="FRN", ims=16, ref=8, state="
     cfg.SOLVER.IMS_PER_BATCH = ims
     cfg.SOLVER.REFERENCE_WORLD_SIZE = ref
     cfg.SOLVER.MAX_ITER = 100
+    if base_lr is not None:
+        cfg.SOLVER.BASE_LR = base_lr
     cfg.DATASETS.TEST = (DATASET,)
     out = os.path.join(str(root), name)
     cfg.OUTPUT_DIR = out
@@ -320,3 +322,38 @@ def test_plot_errors_and_cli(runs, tmp_path, capsys):
     retina = next(p for p in data["panels"] if p["title"].startswith("RetinaNet"))
     frn = next(s for s in retina["series"] if s["label"] == "FRN")
     assert frn["y"] == [40.0, 39.5, 39.0] and png.exists()
+
+
+def test_lr_sweep_cell_reports_the_best_lr_labelled(tmp_path):
+    """Issue 13 item 5: FRN sec. 4.3 reports the best of base lr {0.01, 0.05, 0.1}. Runs of one
+    cell at different lrs per image are a sweep: the cell keeps the best lr's runs (mean over
+    repeats), says so, and a note lists every lr; runs at one lr keep averaging."""
+    # total batch 32 (4 images/GPU on 8): lr = base_lr * 32 / 64
+    make_run(tmp_path, "lr001", norm="FRN", ims=32, base_lr=0.005, ap=18.0)
+    make_run(tmp_path, "lr005a", norm="FRN", ims=32, base_lr=0.025, ap=21.0)
+    make_run(tmp_path, "lr005b", norm="FRN", ims=32, base_lr=0.025, ap=23.0)
+    make_run(tmp_path, "lr01", norm="FRN", ims=32, base_lr=0.05, ap=21.5)
+    make_run(tmp_path, "gn", norm="GN", ims=32, base_lr=0.025, ap=17.0)
+    records, problems = collect_runs([str(tmp_path)])
+    assert not problems
+    (table,) = build_tables(records)
+    frn = next(r for r in table.rows if r.label == "FRN")
+    ap = frn.cells[("bbox", "AP", 4)]
+    assert ap.values == [21.0, 23.0] and ap.mean == pytest.approx(22.0)
+    assert sorted(os.path.basename(r) for r in ap.runs) == ["lr005a", "lr005b"]
+    assert ap.text() == "22.0 ± 1.4 (n=2) (best of 3 lr)"
+    assert ap.status == "finished, best of lr sweep"
+    # every metric of the cell comes from the same (best) runs, not each metric's own best
+    assert frn.cells[("bbox", "AP50", 4)].values == [41.0, 43.0]
+    note = next(n for n in table.notes if "best of lr sweep" in n)
+    assert "base lr 0.05 " in note and "base lr 0.01: 18.0" in note and "base lr 0.1: 21.5" in note
+    # a single-lr cell is untouched
+    gn = next(r for r in table.rows if r.label == "GN").cells[("bbox", "AP", 4)]
+    assert gn.text() == "17.0" and not gn.sweep
+    # duplicates="error" only sees repeats of the chosen lr
+    with pytest.raises(DuplicateRunsError):
+        build_tables(records, duplicates="error")
+    text = format_markdown(build_tables(records))
+    assert "(best of 3 lr)" in text and "best of lr sweep = base lr 0.05" in text
+    rows = list(csv.DictReader(io.StringIO(format_csv(build_tables(records)))))
+    assert {r["status"] for r in rows if r["row"] == "FRN"} == {"finished, best of lr sweep"}

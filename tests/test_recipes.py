@@ -81,14 +81,40 @@ def _cfg(path, *opts):
 def test_matrix_config_loads_with_rule_values(name):
     cfg = _cfg(os.path.join(MATRIX_DIR, name))
     cell = next(c for c in recipes.matrix_cells() if recipes.config_name(*c) == name)
-    detector, depth, normalizer, ims, length = cell
-    sched = recipes.schedule_for(detector, ims, length=length)
+    detector, depth, normalizer, ims, length, lr = cell
+    sched = recipes.schedule_for(detector, ims, length=length,
+                                 frn_base_lr=lr or recipes.FRN_DEFAULT_BASE_LR)
     assert cfg.SOLVER.IMS_PER_BATCH // cfg.SOLVER.REFERENCE_WORLD_SIZE == ims
     assert cfg.SOLVER.MAX_ITER == sched.max_iter and cfg.SOLVER.BASE_LR == pytest.approx(sched.base_lr)
     assert cfg.MODEL.RESNETS.DEPTH == depth and cfg.MODEL.RESNETS.NORM == normalizer
     assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.SOLVER.WEIGHT_DECAY_NORM == 0.0
     assert (cfg.MODEL.META_ARCHITECTURE == "RetinaNet") == (detector == "retinanet")
+    # Issue 13 item 4: Mask R-CNN trains single-scale 800 / max 1333 (GN Table 7's setting).
+    if detector == "mask_rcnn":
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,) and cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    # Item 6: PreciseBN where detectron2 uses it (its SyncBN Mask R-CNN configs), nowhere else.
+    assert cfg.TEST.PRECISE_BN.ENABLED == (detector == "mask_rcnn"
+                                           and normalizer in ("BN", "SyncBN"))
+    # Item 9: the NF recipe adds AGC; nothing else clips.
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    assert clip.ENABLED == (normalizer == "NF")
+    if normalizer == "NF":
+        assert clip.CLIP_TYPE == "agc" and clip.CLIP_VALUE == recipes.NF_AGC_CLIPPING
+
+
+def test_frn_base_lr_sweep_has_distinct_files():
+    """Item 5: the three base lrs of FRN sec. 4.3 are three files per RetinaNet cell."""
+    names = {lr: recipes.config_name("retinanet", 101, "FRN", 4, "3x", lr)
+             for lr in recipes.FRN_BASE_LRS}
+    assert names == {0.01: "retinanet_R_101_FPN_FRN_4img_lr0.01.yaml",
+                     0.05: "retinanet_R_101_FPN_FRN_4img.yaml",
+                     0.1: "retinanet_R_101_FPN_FRN_4img_lr0.1.yaml"}
+    lrs = {lr: _cfg(os.path.join(MATRIX_DIR, n)).SOLVER.BASE_LR for lr, n in names.items()}
+    for lr, value in lrs.items():
+        assert value == pytest.approx(lr * 32 / 64)  # total batch 32
+    with pytest.raises(ValueError, match="RetinaNet"):
+        recipes.config_name("mask_rcnn", 50, "GN", 2, "3x", 0.1)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 16])
@@ -136,15 +162,21 @@ def test_cosine_warmup_follows_half_cosine_then_cosine_decay():
         assert lrs[it] == pytest.approx(main(it), rel=1e-6)
 
 
-@pytest.mark.parametrize("table,runs", [("frn-table6", 9), ("gn-table7", 2)])
+@pytest.mark.parametrize("table,runs", [("frn-table6", 27), ("gn-table7", 2)])
 def test_reproduce_paper_table_commands(table, runs):
     out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "reproduce.py"), table,
                           "--dry-run", "--num-gpus", "8"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     train = [line for line in out.stdout.splitlines() if "train_net.py" in line]
     assert len(train) == runs
+    configs = []
     for line in train:
         config = line.split("--config-file ")[1].split()[0]
         assert os.path.isfile(config)
         assert "--num-gpus 8" in line
+        configs.append(os.path.basename(config))
+    assert len(set(configs)) == runs  # the lr sweep does not overwrite one file
+    if table == "frn-table6":
+        assert sum(c.endswith("_lr0.01.yaml") for c in configs) == 9
+        assert sum(c.endswith("_lr0.1.yaml") for c in configs) == 9
     assert "ap_table.py --paper" in out.stdout

@@ -6,6 +6,12 @@ Nothing is dropped silently: runs still training or failed appear as such in the
 finished runs of one cell are shown as mean ± sample standard deviation with their count (or,
 with ``duplicates="error"``, raise :class:`DuplicateRunsError`), and run directories that cannot be
 read are reported as problems with the reason.
+
+Learning-rate sweeps: finished runs of one cell trained at different learning rates per image
+(``base_lr / ims_per_batch``, unchanged by detectron2's auto-scaling) are the points of a sweep,
+as the FRN paper's base lr in {0.01, 0.05, 0.1} (sec. 4.3: "we report the best"). The cell shows
+the lr whose runs have the highest mean AP of the table's first task, marked "best of N lr", and
+a note lists every lr with its AP. Runs at one lr still average as above.
 """
 import csv
 import glob
@@ -186,6 +192,8 @@ class Cell:
     runs: List[str] = field(default_factory=list)
     pending: Dict[str, List[str]] = field(default_factory=dict)  # state -> run dirs
     paper: Optional[str] = None  # paper table key for published numbers
+    lrs: List[Optional[float]] = field(default_factory=list)  # lr per image of each value
+    sweep: Dict[str, Optional[float]] = field(default_factory=dict)  # lr label -> mean AP
 
     @property
     def finite(self) -> List[float]:
@@ -214,7 +222,7 @@ class Cell:
         if self.paper:
             return "paper"
         if self.values:
-            return "finished"
+            return "finished, best of lr sweep" if self.sweep else "finished"
         if self.pending:
             return "+".join(s for s in PENDING_STATES if s in self.pending)
         return "empty"
@@ -231,6 +239,8 @@ class Cell:
                 std = self.std
                 out = f"{mean:.{digits}f} ± {std:.{digits}f} (n={self.n})" if std is not None \
                     else f"{mean:.{digits}f} (n={self.n})"
+            if self.sweep:
+                out += f" (best of {len(self.sweep)} lr)"
             if pending:
                 out += " (" + ", ".join(f"+{k} {s}" for s, k in pending) + ")"
             return out
@@ -269,6 +279,50 @@ class Table:
     def column_label(self, task: str, metric: str, ipg) -> str:
         prefix = f"{TASK_LABELS[task]} " if len(self.tasks) > 1 else ""
         return f"{prefix}{metric}@{ipg}"
+
+
+def _lr_per_image(run: Dict[str, Any]) -> Optional[float]:
+    lr, batch = run.get("base_lr"), run.get("ims_per_batch")
+    if not isinstance(lr, (int, float)) or not isinstance(batch, (int, float)) or batch <= 0:
+        return None
+    return float(f"{lr / batch:.6g}")  # equal for runs of one recipe on any GPU count
+
+
+def _lr_label(lr_per_image: Optional[float], table: Table) -> str:
+    if lr_per_image is None:
+        return "lr ?"
+    if table.arch == "RetinaNet":  # the FRN paper quotes base lr at its reference batch 64
+        return f"base lr {lr_per_image * 64:.4g}"
+    return f"lr/image {lr_per_image:.4g}"
+
+
+def _keep_best_of_lr_sweep(table: Table, row: Row, ipg) -> None:
+    """Several lrs in one cell: keep the runs of the lr with the best mean AP (first task)."""
+    primary = row.cells.get((table.tasks[0], "AP", ipg))
+    if primary is None or len(set(primary.lrs)) < 2:
+        return
+    means: Dict[Optional[float], Optional[float]] = {}
+    for lr in dict.fromkeys(primary.lrs):
+        vals = [v for v, x in zip(primary.values, primary.lrs)
+                if x == lr and v is not None and math.isfinite(v)]
+        means[lr] = sum(vals) / len(vals) if vals else None
+    ranked = [lr for lr in means if means[lr] is not None]
+    if not ranked:
+        return
+    best = max(ranked, key=lambda lr: means[lr])
+    sweep = {_lr_label(lr, table): means[lr]
+             for lr in sorted(means, key=lambda x: (x is None, x or 0.0))}
+    for key, cell in row.cells.items():
+        if key[2] != ipg or len(cell.lrs) != len(cell.values):
+            continue
+        keep = [i for i, x in enumerate(cell.lrs) if x == best]
+        cell.values = [cell.values[i] for i in keep]
+        cell.runs = [cell.runs[i] for i in keep]
+        cell.lrs = [cell.lrs[i] for i in keep]
+        cell.sweep = dict(sweep)
+    listed = ", ".join(f"{k}: " + ("n/a" if v is None else f"{v:.1f}") for k, v in sweep.items())
+    table.notes.append(f"{row.label} @{ipg}: best of lr sweep = {_lr_label(best, table)} "
+                       f"({TASK_LABELS[table.tasks[0]]} AP {listed})")
 
 
 def _norm_sort_key(label: str):
@@ -326,6 +380,7 @@ def build_tables(records: Sequence[RunRecord], *, dataset: Optional[str] = None,
                             cell = row.cell(task, metric, ipg)
                             cell.values.append(metrics[task].get(metric))
                             cell.runs.append(rec.path)
+                            cell.lrs.append(_lr_per_image(run))
             else:
                 for task in ("bbox", "segm"):
                     for metric in TABLE_METRICS:
@@ -344,6 +399,10 @@ def build_tables(records: Sequence[RunRecord], *, dataset: Optional[str] = None,
                 row.label = row.detail
     for table, row, ipg, rec in unfinished:
         table.notes.append(f"{row.label} @{ipg}: {rec.path} {rec.progress()}")
+    for table in tables.values():
+        for row in table.rows:
+            for ipg in table.images_per_gpu:
+                _keep_best_of_lr_sweep(table, row, ipg)
 
     for table in tables.values():
         # Cells created for a task the table does not show (pending runs) are dropped.
@@ -481,7 +540,8 @@ def tables_to_json(tables: Sequence[Table], records: Sequence[RunRecord] = (),
                 cells.append({"task": task, "metric": metric, "images_per_gpu": ipg,
                               "mean": cell.mean, "std": cell.std, "n": cell.n,
                               "values": cell.values, "status": cell.status, "runs": cell.runs,
-                              "pending": cell.pending, "paper": cell.paper})
+                              "pending": cell.pending, "paper": cell.paper,
+                              "lr_sweep": cell.sweep or None})
             out_rows.append({"label": row.label, "normalizer": row.normalizer,
                              "source": row.source, "cells": cells})
         out_tables.append({"dataset": table.dataset, "detector": table.detector,
