@@ -304,18 +304,12 @@ def test_runtime_requirements_of_detectron2_main_skip_what_does_not_apply(tmp_pa
     assert not any(n.startswith("torch") for n in names)
 
 
-@pytest.mark.slow
-@needs_snapshot
-def test_install_detectron2_main_from_a_source_tree_pure_python(tmp_path):
-    """Install the snapshot (extracted: a source tree) into a fresh venv that sees this venv's
-    packages through a .pth (torch is not copied); the new detectron2 lands in the new venv and
-    d2_norms' placeholder answers its rotated ops."""
+def _overlay_venv(tmp_path):
+    """A fresh venv (no pip, no torch of its own) that sees this venv's packages through a .pth
+    after its own site-packages: what the installer puts there shadows this venv's detectron2,
+    which stays untouched. Returns (python, its site-packages)."""
     import sysconfig
 
-    tree = tmp_path / "detectron2-main"
-    tree.mkdir()
-    with tarfile.open(SNAPSHOT) as tar:
-        tar.extractall(tree, filter="data")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
@@ -323,10 +317,58 @@ def test_install_detectron2_main_from_a_source_tree_pure_python(tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(site, "outer_venv.pth"), "w") as f:
         f.write(sysconfig.get_path("purelib") + "\n")
+    return python, site
+
+
+def _run_installer_in(python, tmp_path, *args):
+    return subprocess.run([python, os.path.join(REPO, "tools", "install_detectron2.py"), *args],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=900)
+
+
+@pytest.mark.slow
+def test_installer_falls_back_to_pure_python_when_the_cpp_build_fails(tmp_path):
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip("no C++ compiler: the installer does not try a build")
+    tree = _fake_detectron2_tree(tmp_path / "tree")
+    (tree / "setup.py").write_text(
+        "from setuptools import setup\n"
+        "from torch.utils.cpp_extension import BuildExtension, CppExtension\n"
+        "def get_extensions():\n"
+        "    return [CppExtension('detectron2._C', ['detectron2/broken.cpp'])]\n"
+        "setup(name='detectron2', version='0.6', packages=['detectron2'],\n"
+        "      install_requires=['tabulate'],\n"
+        "      ext_modules=get_extensions(),\n"
+        "      cmdclass={'build_ext': BuildExtension})\n")
+    (tree / "detectron2" / "broken.cpp").write_text("#error this extension does not compile\n")
+    python, site = _overlay_venv(tmp_path)
+    cache = tmp_path / "wheels"
+    out = _run_installer_in(python, tmp_path, "--source", str(tree), "--ops", "yes",
+                            "--wheel-cache", str(cache))
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "--ops yes: the C++ build failed" in out.stderr
+    assert "this extension does not compile" in out.stdout  # the build log's tail is shown
+    out = _run_installer_in(python, tmp_path, "--source", str(tree), "--wheel-cache", str(cache))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "note: the C++ build failed" in out.stdout
+    last = out.stdout.strip().splitlines()[-1]
+    assert "PURE PYTHON" in last and "the C++ build failed" in last
+    assert os.path.isfile(os.path.join(site, "detectron2", "__init__.py"))
+    assert not cache.exists() or not os.listdir(cache)  # nothing cached from a failure
+
+
+@pytest.mark.slow
+@needs_snapshot
+def test_install_detectron2_main_from_a_source_tree_pure_python(tmp_path):
+    """Install the snapshot (extracted: a source tree) into an overlay venv; the new detectron2
+    lands in the new venv and d2_norms' placeholder answers its rotated ops."""
+    tree = tmp_path / "detectron2-main"
+    tree.mkdir()
+    with tarfile.open(SNAPSHOT) as tar:
+        tar.extractall(tree, filter="data")
+    python, site = _overlay_venv(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO)
-    out = subprocess.run([python, os.path.join(REPO, "tools", "install_detectron2.py"),
-                          "--source", str(tree), "--ops", "no"],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    out = _run_installer_in(python, tmp_path, "--source", str(tree), "--ops", "no")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert "installed from" in last and "PURE PYTHON" in last

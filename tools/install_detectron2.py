@@ -354,10 +354,16 @@ def try_compiled(root: str, source_sha256: str, args, variant: str) -> str:
         try:
             wheel = build_wheel(root, out_dir, log_path)
         except subprocess.CalledProcessError:
-            with open(log_path) as f:
-                tail = "".join(f.readlines()[-25:])
-            print(f"--- last lines of the build log ---\n{tail}--- end ---", flush=True)
-            return f"the C++ build failed after {time.monotonic() - start:.0f} s"
+            seconds = time.monotonic() - start
+            kept_log = os.path.join(tempfile.gettempdir(), f"d2_norms_detectron2_build_{key}.log")
+            shutil.copyfile(log_path, kept_log)
+            with open(log_path, errors="replace") as f:
+                lines = f.readlines()
+            # The compiler's error lines sit far above pip's closing lines.
+            errors = [line for line in lines if "error" in line.lower()][:15]
+            print(f"--- build errors ---\n{''.join(errors)}--- last lines ---\n"
+                  f"{''.join(lines[-8:])}--- full log: {kept_log} ---", flush=True)
+            return f"the C++ build failed after {seconds:.0f} s (log: {kept_log})"
         seconds = time.monotonic() - start
         print(f"C++ ops built in {seconds:.0f} s", flush=True)
         how = f"built in {seconds:.0f} s"
