@@ -1,0 +1,128 @@
+"""tools/gpu_check.py: argument checks (CUDA refused clearly when absent), its float64 FRN
+reference against timm's FRN layer, a failed run reported (not raised), and - slow - a real
+2-iteration CPU run through d2_norms' trainer whose recorded losses match what detectron2's
+JSONWriter logged, plus the compiled-vs-eager FRN comparison on CPU."""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--train-set", "synthetic_shapes_tiny_train", "--test-set", "synthetic_shapes_tiny_val"]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", os.path.join(REPO, "tools", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_error(gpu_check, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_is_the_default_and_refused_clearly_without_it(gpu_check, capsys):
+    err = parse_error(gpu_check, capsys, [])
+    assert "CUDA is not available" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "cpu", "--amp", "on"], "--amp on needs CUDA"),
+    (["--device", "cpu", "--amp", "both"], "--amp both needs CUDA"),
+    (["--device", "cpu", "--iters", "0"], "--iters must be >= 1"),
+    (["--device", "cpu", "--ims", "0"], "--ims must be >= 1"),
+    (["--device", "cpu", "--norms", "LN"], "invalid choice: 'LN'"),
+])
+def test_bad_arguments_say_what_is_wrong(gpu_check, capsys, argv, expected):
+    assert expected in parse_error(gpu_check, capsys, argv)
+
+
+def test_defaults_cover_every_normalizer_and_detector(gpu_check):
+    args = gpu_check.parse_args(["--device", "cpu"])
+    assert args.norms == ["BN", "GN", "GNWS", "FRN", "NF"]
+    assert args.detectors == ["mask_rcnn", "retinanet"]
+    assert args.amp == "off" and gpu_check.amp_modes(args) == [False]
+    assert gpu_check.amp_modes(gpu_check.parse_args(["--device", "cpu", "--amp", "off"])) == [
+        False]
+
+
+def test_float64_reference_matches_timm_frn(gpu_check):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    layer = timm_layers.FilterResponseNormTlu2d(8, eps=1e-6).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.3, 0.3)
+        layer.tau.uniform_(-0.3, 0.3)
+    x = torch.randn(3, 8, 5, 7, dtype=torch.float64)
+    ours = gpu_check.frn_float64(x, layer.weight, layer.bias, layer.tau,
+                                 torch.tensor(1e-6, dtype=torch.float64))
+    # timm takes the mean of x^2 in float32 even for float64 inputs: agreement to ~1e-7.
+    torch.testing.assert_close(ours, layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_run_is_reported_and_the_exit_status_is_1(gpu_check, tmp_path, capsys):
+    out = tmp_path / "check.json"
+    status = gpu_check.main(["--device", "cpu", "--norms", "BN", "--detectors", "retinanet",
+                             "--skip-frn-kernels", "--train-set", "no_such_dataset",
+                             "--json", str(out)])
+    assert status == 1
+    data = json.loads(out.read_text())
+    assert data["passed"] is False
+    (record,) = data["training"]
+    assert record["ok"] is False and "no_such_dataset" in record["error"]
+    assert "1 CHECK(S) FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cpu_run_through_the_trainer_records_what_detectron2_logs(gpu_check, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "check.json"
+    status = gpu_check.main(["--device", "cpu", "--iters", "2", "--ims", "2", "--norms", "GN",
+                             "--detectors", "mask_rcnn", "--eval-norm", "none", "--workers", "0",
+                             "--skip-frn-kernels", *TINY, "--output-dir", str(runs),
+                             "--keep-outputs", "--json", str(out)])
+    assert status == 0
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and data["frn_kernels"] == []
+    (record,) = data["training"]
+    assert record["ok"] and record["final_checkpoint"] and not record["amp"]
+    assert len(record["step_seconds"]) == 2 and record["s_per_it"] > 0
+    assert len(record["total_losses"]) == 2
+    assert all(math.isfinite(v) for v in record["total_losses"])
+    # detectron2's JSONWriter logged the same losses (median over its 20-iteration window).
+    run_dir = runs / "mask_rcnn_GN_fp32"
+    with open(run_dir / "metrics.json") as f:
+        logged = [json.loads(line) for line in f if line.strip()]
+    last = next(r for r in logged if r.get("iteration") == 1)
+    assert last["total_loss"] == pytest.approx(float(np.median(record["total_losses"])),
+                                               rel=1e-6)
+    assert (run_dir / "model_final.pth").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_frn_kernels_match_eager_and_float64_on_cpu(gpu_check, monkeypatch):
+    from d2_norms.layers import frn as frn_module
+
+    if not frn_module.frn_compiled_available():
+        pytest.skip(f"torch.compile unavailable: {frn_module._COMPILED.broken}")
+    cases = [c for c in gpu_check.FRN_CASES if c[2] == "float32"][::3]  # short rows; 1x1 maps
+    monkeypatch.setattr(gpu_check, "FRN_CASES", cases)
+    records = gpu_check.check_frn_kernels(torch.device("cpu"))
+    assert [r["case"] for r in records[:-1]] == [c[0] for c in cases]
+    for r in records[:-1]:
+        assert r["ok"], r.get("error")
+        assert set(r["diffs"]) >= {"out", "grad_x", "grad_weight", "grad_bias", "grad_tau"}
+        assert r["max_compiled_vs_eager_rel"] <= r["tolerance_rel"]
+    assert "grad_eps_l" in records[1]["diffs"]
+    assert records[-1]["cache_sizes"]  # the compiled kernels really ran
