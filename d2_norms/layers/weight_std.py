@@ -442,7 +442,7 @@ def activation_gain(name: Union[str, Callable], *, num_vectors: int = 1024, widt
                     seed: int = 0) -> float:
     """Gain gamma making ``Var(W g(x)) = 1`` for ``x ~ N(0, 1)`` (NF sec. 4.3).
 
-    ReLU is analytic, ``sqrt(2 / (1 - 1/pi))`` (about 1.7139); identity/linear is 1. Other
+    ReLU is analytic, ``sqrt(2 / (1 - 1/pi))`` (about 1.7129); identity/linear is 1. Other
     nonlinearities (a name from ``activation_gain.names`` or any callable on tensors) are
     estimated numerically as NF App. D does: draw ``num_vectors`` Gaussian vectors of size
     ``width``, apply the nonlinearity, take ``mean(var)^(-1/2)``; float64, fixed seed.
