@@ -10,7 +10,9 @@ RUN_DIR is a training/evaluation OUTPUT_DIR (config.yaml, results.json, run_stat
 folder of them; quote globs to let this script expand them (`**` allowed). Rows: normalizers;
 columns: AP / AP50 / AP75 under each images-per-GPU (Mask R-CNN: box and mask). Runs still
 training or failed are shown as such; several runs of one cell as mean ± std (n), or an error with
---duplicates error. Exit status: 0, or 1 when a run directory could not be read (reasons on stderr;
+--duplicates error. Runs of one cell at different learning rates per image are a sweep (FRN
+Table 6's base lr 0.01 / 0.05 / 0.1): the cell shows the best lr's runs, marked "best of N lr",
+with every lr's AP in a note. Exit status: 0, or 1 when a run directory could not be read (reasons on stderr;
 the table of the others is still printed), 2 on usage errors and duplicate errors.
 """
 import argparse
