@@ -31,7 +31,10 @@ TINY = ["DATASETS.TRAIN", f"('{TRAIN_SET}',)", "DATASETS.TEST", f"('{VAL_SET}',)
         "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)",
         "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
         "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-        "SOLVER.MAX_ITER", "4", "SEED", "7"]
+        "SOLVER.MAX_ITER", "4", "SEED", "7",
+        # after 4 iterations no score passes the default 0.05: keep them all, so that the
+        # evaluation has detections to gather and compare
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
 
 TORCHRUN_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
               "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
@@ -289,6 +292,17 @@ def test_torchrun_bad_input_found_on_rank0_stops_every_rank_before_writing(tmp_p
     assert not (tmp_path / "o").exists()
 
 
+def _predictions(run_dir):
+    with open(run_dir / "inference" / "coco_instances_results.json") as f:
+        return json.load(f)
+
+
+def _evaluation(run_dir):
+    """results.json's metrics, as text (NaN == NaN there, unlike floats)."""
+    results = json.loads((run_dir / "results.json").read_text())["evaluations"][VAL_SET]
+    return json.dumps(results["metrics"], sort_keys=True), results["iteration"]
+
+
 def _fingerprints(log_path):
     """The replica check's sha256 prefix(es) in a log file."""
     import re
@@ -345,6 +359,19 @@ def test_torchrun_evaluation_is_gathered_from_both_ranks(torchrun_run):
     assert sorted(p["image_id"] for p in predictions) == sorted(val_ids)
     assert len(val_ids) == 8
     assert "Start inference on 4 batches" in (torchrun_run / "log.txt.rank1").read_text()
+    detections = _predictions(torchrun_run)
+    assert {d["image_id"] for d in detections} == val_ids  # detections of every image
+
+
+@pytest.mark.slow
+def test_torchrun_eval_only_reproduces_the_final_evaluation(torchrun_run, tmp_path):
+    out = torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "--eval-only",
+                   "MODEL.WEIGHTS", str(torchrun_run / "model_final.pth"),
+                   "OUTPUT_DIR", str(tmp_path), timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert _predictions(tmp_path) == _predictions(torchrun_run)
+    assert _evaluation(tmp_path) == _evaluation(torchrun_run)  # metrics and iteration (4)
+    assert _evaluation(tmp_path)[1] == 4
 
 
 @pytest.mark.slow
@@ -367,6 +394,8 @@ def test_torchrun_gives_the_same_model_as_num_gpus(torchrun_run, num_gpus_run):
                     if "total_loss" in r]
 
     assert losses(torchrun_run) == losses(num_gpus_run)
+    assert _predictions(torchrun_run) == _predictions(num_gpus_run)
+    assert _evaluation(torchrun_run) == _evaluation(num_gpus_run)
     # The fingerprint both ranks logged is that of the saved weights (built independently here).
     cfg = load_config(str(torchrun_run / "config.yaml"), [])
     model = Trainer.build_model(cfg)
