@@ -75,11 +75,11 @@ def test_float64_reference_matches_timm_frn(gpu_check):
 def test_a_failing_run_is_reported_and_the_exit_status_is_1(gpu_check, tmp_path, capsys):
     out = tmp_path / "check.json"
     status = gpu_check.main(["--device", "cpu", "--norms", "BN", "--detectors", "retinanet",
-                             "--skip-frn-kernels", "--train-set", "no_such_dataset",
-                             "--json", str(out)])
+                             "--skip-frn-kernels", "--export-norm", "none",
+                             "--train-set", "no_such_dataset", "--json", str(out)])
     assert status == 1
     data = json.loads(out.read_text())
-    assert data["passed"] is False
+    assert data["passed"] is False and data["export"] == []
     (record,) = data["training"]
     assert record["ok"] is False and "no_such_dataset" in record["error"]
     assert "1 CHECK(S) FAILED" in capsys.readouterr().out
@@ -87,11 +87,12 @@ def test_a_failing_run_is_reported_and_the_exit_status_is_1(gpu_check, tmp_path,
 
 @pytest.mark.slow
 def test_cpu_run_through_the_trainer_records_what_detectron2_logs(gpu_check, tmp_path):
+    """Also exports the trained model with tools/export_model.py (the --export-norm step)."""
     runs, out = tmp_path / "runs", tmp_path / "check.json"
     status = gpu_check.main(["--device", "cpu", "--iters", "2", "--ims", "2", "--norms", "GN",
                              "--detectors", "mask_rcnn", "--eval-norm", "none", "--workers", "0",
-                             "--skip-frn-kernels", *TINY, "--output-dir", str(runs),
-                             "--keep-outputs", "--json", str(out)])
+                             "--skip-frn-kernels", "--export-norm", "GN", *TINY,
+                             "--output-dir", str(runs), "--keep-outputs", "--json", str(out)])
     assert status == 0
     data = json.loads(out.read_text())
     assert data["passed"] is True and data["frn_kernels"] == []
@@ -108,6 +109,11 @@ def test_cpu_run_through_the_trainer_records_what_detectron2_logs(gpu_check, tmp
     assert last["total_loss"] == pytest.approx(float(np.median(record["total_losses"])),
                                                rel=1e-6)
     assert (run_dir / "model_final.pth").is_file()
+    (export,) = data["export"]
+    assert export["ok"] and export["exit_status"] == 0, export.get("error")
+    assert export["weights"] == str(run_dir / "model_final.pth") == record["weights"]
+    assert set(export["max_abs_diff"]) == {"pred_boxes", "scores", "pred_classes", "pred_masks"}
+    assert max(export["max_abs_diff"].values()) <= export["atol"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,10 @@ What it checks (each part can be skipped):
    FRN written here in float64 (eq. 1-3 of the FRN paper): max |difference| of the output and
    of every gradient, for float32 / float16 / bfloat16 inputs, short and long rows
    (H*W > 4096), 1x1 maps with a learned eps.
+3. export - ``tools/export_model.py`` on the device: the Mask R-CNN of ``--export-norm`` with
+   the weights its float32 training run wrote, folded (GNWS/NF) and exported to TorchScript
+   (``--export-method``), re-loaded and compared with the eager model (max |difference| per
+   output field, detections and classes must match).
 
 It prints a summary table and, with ``--json``, writes every number to a file. Exit status 0
 when everything passed, 1 when a check failed, 2 on bad arguments (e.g. no CUDA).
@@ -116,6 +120,14 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true", help="skip the training runs")
     p.add_argument("--skip-frn-kernels", action="store_true",
                    help="skip the compiled-vs-eager FRN kernel comparison")
+    p.add_argument("--export-norm", default="NF", choices=list(NORMS) + ["none"],
+                   help="export the Mask R-CNN of this normalizer with tools/export_model.py "
+                        "and compare it with eager (weights of its float32 training run); "
+                        "'none' skips the export check")
+    p.add_argument("--export-method", default="trace", choices=["trace", "script"])
+    p.add_argument("--export-atol", type=float, default=1e-3,
+                   help="largest accepted |exported - eager| (TF32 convolutions on CUDA make "
+                        "1e-4 too tight for an untrained model's scores)")
     p.add_argument("--output-dir", default=None,
                    help="where the runs write (default: a temporary directory, removed after)")
     p.add_argument("--keep-outputs", action="store_true",
@@ -220,9 +232,10 @@ def run_opts(detector, norm, amp, args, output_dir, evaluate):
     return opts
 
 
-def train_once(detector, norm, amp, args, root, evaluate):
+def train_once(detector, norm, amp, args, root, evaluate, keep_weights=False):
     """One short training run through d2_norms' engine; returns its record (never raises for a
-    failed run: the failure is recorded)."""
+    failed run: the failure is recorded). ``keep_weights``: leave the run's directory for the
+    export check (``record["weights"]``)."""
     from detectron2.utils.env import seed_all_rng
 
     from d2_norms.engine.defaults import argument_parser, preflight, setup_cfg
@@ -293,7 +306,10 @@ def train_once(detector, norm, amp, args, root, evaluate):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if not args.keep_outputs:
+        weights = os.path.join(output_dir, "model_final.pth")
+        if keep_weights and record["ok"] and os.path.isfile(weights):
+            record["weights"] = weights
+        elif not args.keep_outputs:
             shutil.rmtree(output_dir, ignore_errors=True)
     return record
 
@@ -321,7 +337,8 @@ def run_training(args, root, on_record=None):
                 evaluate = norm == args.eval_norm and not amp
                 label = f"{DETECTOR_TITLES[detector]} {norm} {'AMP' if amp else 'fp32'}"
                 print(f"[train] {label}: {args.iters} it x {args.ims} img ...", flush=True)
-                rec = train_once(detector, norm, amp, args, root, evaluate)
+                keep = detector == "mask_rcnn" and norm == args.export_norm and not amp
+                rec = train_once(detector, norm, amp, args, root, evaluate, keep_weights=keep)
                 records.append(rec)
                 if on_record is not None:
                     on_record(rec)
@@ -479,6 +496,66 @@ def check_frn_kernels(device):
     return records
 
 
+# ----------------------------------------------------------------------------------- export
+def check_export(args, weights, root):
+    """tools/export_model.py on the Mask R-CNN of ``--export-norm``; its record."""
+    import contextlib
+    import importlib.util
+    import io
+
+    rec = {"check": "export", "detector": "mask_rcnn", "norm": args.export_norm,
+           "method": args.export_method, "weights": weights, "atol": args.export_atol,
+           "ok": False}
+    tool = os.path.join(REPO, "tools", "export_model.py")
+    if not os.path.isfile(tool):
+        rec.update(ok=True, skipped="tools/export_model.py is not in this checkout")
+        return rec
+    output = os.path.join(root, "export")
+    argv = ["--config-file", os.path.join(REPO, CONFIG), "--method", args.export_method,
+            "--output", output, "--atol", str(args.export_atol)]
+    if weights:
+        argv += ["--weights", weights]
+    else:
+        rec["note"] = "no trained weights (training skipped or failed): random initialisation"
+    opts = []
+    for key in NORM_KEYS["mask_rcnn"]:
+        opts += [key, args.export_norm]
+    argv += opts + ["MODEL.DEVICE", args.device]
+    start = time.perf_counter()
+    stdout = io.StringIO()
+    try:
+        spec = importlib.util.spec_from_file_location("d2_norms_export_model", tool)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(stdout):
+            status = module.main(argv)
+        text = stdout.getvalue()
+        rec["exit_status"] = status
+        start_json = text.find("{")
+        if start_json >= 0:
+            info, _ = json.JSONDecoder().raw_decode(text[start_json:])
+            rec.update({k: info[k] for k in ("folded_convs", "outputs", "detections",
+                                             "max_abs_diff") if k in info})
+        rec["ok"] = status == 0
+        if status != 0:
+            rec["error"] = f"tools/export_model.py exited with {status}: {text[-1500:]}"
+    except Exception as e:  # noqa: BLE001 - reported like any other failed check
+        rec["error"] = f"{type(e).__name__}: {e}"
+        rec["traceback"] = traceback.format_exc()
+        rec["output"] = stdout.getvalue()[-3000:]
+    finally:
+        rec["wall_s"] = time.perf_counter() - start
+        shutil.rmtree(output, ignore_errors=True)
+    diffs = rec.get("max_abs_diff") or {}
+    worst = max(diffs.values()) if diffs else None
+    status = "ok" if rec["ok"] else f"FAILED: {rec['error']}"
+    print(f"[export] Mask R-CNN {args.export_norm} ({args.export_method}): "
+          f"{rec.get('detections', '?')} detections, max |exported - eager| "
+          f"{_f(worst, '.2e')}, {rec.get('folded_convs', '?')} folded convs: {status}",
+          flush=True)
+    return rec
+
+
 # ------------------------------------------------------------------------------- reporting
 def environment(args):
     import detectron2
@@ -509,9 +586,9 @@ class JsonReport:
     """The ``--json`` file, rewritten (atomically) after every check, so that a run stopped by
     a time limit still leaves what it measured ("passed": null until the end)."""
 
-    def __init__(self, path, env, args, training, frn_kernels):
+    def __init__(self, path, env, args, training, frn_kernels, export):
         self.path, self.env, self.args = path, env, args
-        self.training, self.frn_kernels = training, frn_kernels
+        self.training, self.frn_kernels, self.export = training, frn_kernels, export
 
     def write(self, passed=None):
         if not self.path:
@@ -520,7 +597,8 @@ class JsonReport:
 
         atomic_write_text(self.path, json.dumps(_json_safe({
             "environment": self.env, "args": vars(self.args), "training": self.training,
-            "frn_kernels": self.frn_kernels, "passed": passed}), indent=1, allow_nan=False))
+            "frn_kernels": self.frn_kernels, "export": self.export, "passed": passed}),
+            indent=1, allow_nan=False))
 
 
 def _json_safe(value):
@@ -539,7 +617,7 @@ def _f(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
-def print_summary(train, frn, env):
+def print_summary(train, frn, export, env):
     where = env.get("gpu", env["device"])
     print(f"\n## gpu_check summary ({where}, torch {env['torch']}, detectron2 "
           f"{env['detectron2']})")
@@ -574,6 +652,15 @@ def print_summary(train, frn, env):
                   f"{_f(r.get('max_vs_float64_rel'), '.1e')} | {_f(r.get('tolerance_rel'), 'g')}"
                   f" | {_f(r.get('first_compiled_call_s'), '.1f')} | "
                   f"{'ok' if r['ok'] else 'FAILED: ' + r.get('error', '')} |")
+    for r in export:
+        if r.get("skipped"):
+            print(f"\n- export: skipped ({r['skipped']})")
+            continue
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in (r.get("max_abs_diff") or {}).items())
+        print(f"\n- export, Mask R-CNN R18-FPN {r['norm']} ({r['method']}, "
+              f"{r.get('folded_convs', '?')} folded convs, {r.get('detections', '?')} "
+              f"detections): max |exported - eager| {diffs or '-'} -> "
+              f"{'ok' if r['ok'] else 'FAILED: ' + r.get('error', '')[:300]}")
 
 
 def main(argv=None):
@@ -593,25 +680,31 @@ def main(argv=None):
     print("# gpu_check: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     device = torch.device(args.device)
     started = time.perf_counter()
-    frn_records, train_records = [], []
-    report = JsonReport(args.json, env, args, train_records, frn_records)
+    frn_records, train_records, export_records = [], [], []
+    report = JsonReport(args.json, env, args, train_records, frn_records, export_records)
     if not args.skip_frn_kernels:
         frn_records.extend(check_frn_kernels(device))
         report.write()
-    if not args.skip_train:
-        root = args.output_dir or tempfile.mkdtemp(prefix="d2_norms_gpu_check_")
-        try:
+    root = args.output_dir or tempfile.mkdtemp(prefix="d2_norms_gpu_check_")
+    try:
+        if not args.skip_train:
             run_training(args, root, on_record=lambda rec: (train_records.append(rec),
                                                             report.write()))
-        finally:
-            if args.output_dir is None and not args.keep_outputs:
-                shutil.rmtree(root, ignore_errors=True)
+        if args.export_norm != "none":
+            weights = next((r["weights"] for r in train_records if "weights" in r), None)
+            export_records.append(check_export(args, weights, root))
+            report.write()
+            if weights and not args.keep_outputs:
+                shutil.rmtree(os.path.dirname(weights), ignore_errors=True)
+    finally:
+        if args.output_dir is None and not args.keep_outputs:
+            shutil.rmtree(root, ignore_errors=True)
     from d2_norms.layers import frn as frn_module
 
     env["frn_compiled_broken"] = frn_module._COMPILED.broken
     env["seconds"] = time.perf_counter() - started
-    print_summary(train_records, frn_records, env)
-    failed = [r for r in train_records + frn_records if not r["ok"]]
+    print_summary(train_records, frn_records, export_records, env)
+    failed = [r for r in train_records + frn_records + export_records if not r["ok"]]
     print(f"\n{'ALL CHECKS PASSED' if not failed else f'{len(failed)} CHECK(S) FAILED'} "
           f"in {env['seconds']:.0f} s", flush=True)
     report.write(passed=not failed)
