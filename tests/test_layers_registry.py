@@ -141,11 +141,12 @@ def test_detectron2_get_norm_replaced_everywhere():
     import detectron2.layers
     import detectron2.layers.batch_norm
 
-    assert detectron2.layers.get_norm is L.get_norm
-    assert detectron2.layers.batch_norm.get_norm is L.get_norm
+    hook = L.norm_registry.detectron2_get_norm
+    assert detectron2.layers.get_norm is hook
+    assert detectron2.layers.batch_norm.get_norm is hook
     from detectron2.layers import get_norm as late_import  # what later imports see
 
-    assert late_import is L.get_norm
+    assert late_import is hook
     original = L.norm_registry._PATCH_STATE["original"]
     bound = []
     for name, mod in list(sys.modules.items()):
@@ -186,15 +187,16 @@ def test_retinanet_head_type_probe_trap():
                              num_anchors=2, conv_dims=[64, 64], norm=name)
         logits, _ = head([torch.randn(1, 64, 8, 8), torch.randn(1, 64, 4, 4)])
         assert torch.isfinite(logits[0]).all(), name
-    # a real layer whose width G does not divide still reports the width and G
+    # a real layer whose width G does not divide still reports the width and G ("GN" itself
+    # is detectron2's own name and gives torch's GroupNorm: use a d2_norms spelling of G=32)
     with pytest.raises(L.GroupNormDivisibilityError, match=r"48 channels.*G=32"):
         RetinaNetHead(input_shape=[ShapeSpec(channels=48)], num_classes=3, num_anchors=2,
-                      conv_dims=[48], norm="GN")
+                      conv_dims=[48], norm="GN_G32")
     # ... and so does get_norm(norm, 1) outside of the probe
     from detectron2.modeling.meta_arch import retinanet
 
     with pytest.raises(L.GroupNormDivisibilityError, match="1 channels"):
-        retinanet.get_norm("GN", 1)
+        retinanet.get_norm("GN_G32", 1)
 
 
 def test_lazyconfig_instantiation_honours_names():
@@ -270,9 +272,9 @@ def test_patch_reaches_modules_imported_before_d2_norms():
         "project.get_norm = original\n"
         "sys.modules['some_d2_project'] = project\n"
         "import d2_norms, d2_norms.layers as L\n"
-        "assert project.get_norm is L.get_norm\n"
+        "assert project.get_norm is L.norm_registry.detectron2_get_norm\n"
         "from detectron2.modeling.meta_arch import semantic_seg\n"
-        "assert semantic_seg.get_norm is L.get_norm\n"
+        "assert semantic_seg.get_norm is L.norm_registry.detectron2_get_norm\n"
         "print(type(project.get_norm('FRN', 8)).__name__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
