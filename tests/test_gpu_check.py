@@ -132,3 +132,17 @@ def test_compiled_frn_kernels_match_eager_and_float64_on_cpu(gpu_check, monkeypa
         assert r["max_compiled_vs_eager_rel"] <= r["tolerance_rel"]
     assert "grad_eps_l" in records[1]["diffs"]
     assert records[-1]["cache_sizes"]  # the compiled kernels really ran
+
+
+def test_time_budget_skips_the_remaining_runs_and_still_reports(gpu_check, tmp_path, capsys):
+    out = tmp_path / "check.json"
+    status = gpu_check.main(["--device", "cpu", "--norms", "GN", "FRN", "--skip-frn-kernels",
+                             "--time-budget", "0", *TINY, "--json", str(out)])
+    assert status == 0
+    data = json.loads(out.read_text())
+    runs = [(r["detector"], r["norm"], r["ok"]) for r in data["training"]]
+    assert runs == [("mask_rcnn", "GN", None), ("mask_rcnn", "FRN", None),
+                    ("retinanet", "GN", None), ("retinanet", "FRN", None)]
+    assert all("--time-budget 0 s used up" in r["skipped"] for r in data["training"])
+    assert data["export"][0]["ok"] is None and data["passed"] is True
+    assert "ALL CHECKS PASSED, 5 skipped (time budget)" in capsys.readouterr().out

@@ -11,8 +11,9 @@ What it checks (each part can be skipped):
    first use), in float32 and with AMP (``SOLVER.AMP.ENABLED``). A run passes when every loss
    is finite (the trainer stops on the first NaN/inf) and it finishes; reported per run: step
    time (median s/it after the first iterations, CUDA-synchronized), peak CUDA memory
-   (``torch.cuda.max_memory_allocated``), first and last total loss. One run per detector
-   (``--eval-norm``) also evaluates on the validation split through d2_norms' COCO evaluator.
+   (``torch.cuda.max_memory_allocated``), first and last total loss. The float32 Mask R-CNN
+   run of ``--eval-norm`` also evaluates (bbox + segm) on the validation split through
+   d2_norms' COCO evaluator.
 2. FRN kernels - ``d2_norms.layers.FilterResponseNorm2d`` forward + backward with the
    ``torch.compile`` kernels against the eager kernels (``D2_NORMS_FRN_IMPL``), and both against
    FRN written here in float64 (eq. 1-3 of the FRN paper): max |difference| of the output and
@@ -115,8 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--train-set", default="synthetic_shapes_train")
     p.add_argument("--test-set", default="synthetic_shapes_val")
     p.add_argument("--eval-norm", default="GN", choices=list(NORMS) + ["none"],
-                   help="evaluate the float32 run of this normalizer on --test-set (one per "
-                        "detector); 'none' skips evaluation")
+                   help="evaluate the float32 Mask R-CNN run of this normalizer on --test-set "
+                        "(RetinaNet too when it is the only detector); 'none' skips it")
     p.add_argument("--skip-train", action="store_true", help="skip the training runs")
     p.add_argument("--skip-frn-kernels", action="store_true",
                    help="skip the compiled-vs-eager FRN kernel comparison")
@@ -132,7 +133,12 @@ def parse_args(argv=None):
                    help="where the runs write (default: a temporary directory, removed after)")
     p.add_argument("--keep-outputs", action="store_true",
                    help="keep each run's OUTPUT_DIR (checkpoints, metrics.json)")
-    p.add_argument("--json", help="write every number to this file")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no further training run or export after this many seconds "
+                        "(they are reported as skipped), so that a caller's time limit still "
+                        "gets the summary")
+    p.add_argument("--json", help="write every number to this file (rewritten after every "
+                                  "check)")
     p.add_argument("--verbose", action="store_true", help="show detectron2's INFO log")
     args = p.parse_args(argv)
     if args.iters < 1:
@@ -329,13 +335,26 @@ def _flatten_metrics(results):
     return out
 
 
-def run_training(args, root, on_record=None):
+def out_of_time(args, started):
+    return args.time_budget is not None and time.perf_counter() - started > args.time_budget
+
+
+def run_training(args, root, on_record=None, started=None):
     records = []
+    eval_detector = args.detectors[0]  # Mask R-CNN unless only RetinaNet runs
     for detector in args.detectors:
         for norm in args.norms:
             for amp in amp_modes(args):
-                evaluate = norm == args.eval_norm and not amp
+                evaluate = norm == args.eval_norm and not amp and detector == eval_detector
                 label = f"{DETECTOR_TITLES[detector]} {norm} {'AMP' if amp else 'fp32'}"
+                if started is not None and out_of_time(args, started):
+                    rec = {"detector": detector, "norm": norm, "amp": amp, "ok": None,
+                           "skipped": f"--time-budget {args.time_budget:g} s used up"}
+                    print(f"[train] {label}: skipped ({rec['skipped']})", flush=True)
+                    records.append(rec)
+                    if on_record is not None:
+                        on_record(rec)
+                    continue
                 print(f"[train] {label}: {args.iters} it x {args.ims} img ...", flush=True)
                 keep = detector == "mask_rcnn" and norm == args.export_norm and not amp
                 rec = train_once(detector, norm, amp, args, root, evaluate, keep_weights=keep)
@@ -626,19 +645,20 @@ def print_summary(train, frn, export, env):
               "FRN kernels |")
         print("|:---|:---|:---|:---|---:|---:|:---|:---|")
         for r in train:
-            status = "ok" if r["ok"] else "FAILED"
+            status = {True: "ok", False: "FAILED", None: "skipped"}[r["ok"]]
             loss = (f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"
                     if r.get("first_loss") is not None else "-")
             print(f"| {DETECTOR_TITLES[r['detector']]} | {r['norm']} | "
                   f"{'on' if r['amp'] else 'off'} | {status} | {_f(r.get('s_per_it'), '.3f')} "
-                  f"| {_f(r.get('peak_allocated_mib'), '.0f')} | {loss} | {r['frn_impl']} |")
+                  f"| {_f(r.get('peak_allocated_mib'), '.0f')} | {loss} | "
+                  f"{r.get('frn_impl', '-')} |")
         for r in train:
             if r.get("eval"):
                 keys = [k for k in r["eval"] if k.endswith(("/AP", "/AP50"))]
                 print(f"- evaluation, {DETECTOR_TITLES[r['detector']]} {r['norm']} after "
                       f"{r['iters']} it: " + ", ".join(f"{k} {r['eval'][k]:.1f}" for k in keys))
         for r in train:
-            if not r["ok"]:
+            if r["ok"] is False:
                 print(f"- FAILED {DETECTOR_TITLES[r['detector']]} {r['norm']} "
                       f"{'AMP' if r['amp'] else 'fp32'}: {r['error']}")
     if frn:
@@ -689,8 +709,12 @@ def main(argv=None):
     try:
         if not args.skip_train:
             run_training(args, root, on_record=lambda rec: (train_records.append(rec),
-                                                            report.write()))
-        if args.export_norm != "none":
+                                                            report.write()), started=started)
+        if args.export_norm != "none" and out_of_time(args, started):
+            export_records.append({"check": "export", "norm": args.export_norm, "ok": None,
+                                   "skipped": f"--time-budget {args.time_budget:g} s used up"})
+            print(f"[export] skipped ({export_records[-1]['skipped']})", flush=True)
+        elif args.export_norm != "none":
             weights = next((r["weights"] for r in train_records if "weights" in r), None)
             export_records.append(check_export(args, weights, root))
             report.write()
@@ -704,9 +728,13 @@ def main(argv=None):
     env["frn_compiled_broken"] = frn_module._COMPILED.broken
     env["seconds"] = time.perf_counter() - started
     print_summary(train_records, frn_records, export_records, env)
-    failed = [r for r in train_records + frn_records + export_records if not r["ok"]]
-    print(f"\n{'ALL CHECKS PASSED' if not failed else f'{len(failed)} CHECK(S) FAILED'} "
-          f"in {env['seconds']:.0f} s", flush=True)
+    checks = train_records + frn_records + export_records
+    failed = [r for r in checks if r["ok"] is False]
+    skipped = [r for r in checks if r["ok"] is None]
+    verdict = "ALL CHECKS PASSED" if not failed else f"{len(failed)} CHECK(S) FAILED"
+    if skipped:
+        verdict += f", {len(skipped)} skipped (time budget)"
+    print(f"\n{verdict} in {env['seconds']:.0f} s", flush=True)
     report.write(passed=not failed)
     return 0 if not failed else 1
 
