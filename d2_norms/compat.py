@@ -1,8 +1,22 @@
-"""Make pure-Python Detectron2 v0.6 run on torch 2.14, numpy 2, Pillow >= 10, setuptools >= 81.
+"""Everything that differs between detectron2 versions (v0.6 and main) and library versions.
 
-Applied once by ``import d2_norms``. Each patch checks first whether it is needed, so on a full
-detectron2 built from source (with ``detectron2._C``) or on newer libraries it does nothing.
-``applied()`` lists what was patched in this process (tests and ``collect_env`` use it).
+The one place where d2_norms knows about versions; the rest of the package uses public
+detectron2 API only. Two kinds of entries:
+
+* Shims, applied once by ``import d2_norms`` (:func:`apply`), each checking first whether it is
+  needed, so on a full detectron2 built from source or on newer libraries they do nothing:
+  ``detectron2._C`` / ``torch.ops.detectron2`` placeholders (no compiled ops: calling one raises
+  :class:`MissingCompiledOpError` naming it), ``PIL.Image.LINEAR`` (Pillow 10), numpy aliases
+  (numpy 1.24), ``pkg_resources`` (setuptools 81), v0.6's ``detectron2.export`` without caffe2.
+  ``applied()`` lists what was patched in this process.
+* Version-dependent helpers called by d2_norms' code: :func:`create_local_process_group`
+  (v0.6 has only the module global ``comm._LOCAL_PROCESS_GROUP``; main has a public function).
+
+Other version differences are handled without branching: ``NormFPN`` sets every attribute
+detectron2's ``FPN.__init__`` sets on either version (main's ``square_pad``), checkpoints are read
+through ``DetectionCheckpointer.load`` (main guards the private ``_load_file``), the names
+detectron2's ``get_norm`` accepts are probed (main adds ``LN``). docs/detectron2_versions.md
+lists them.
 """
 import importlib.util
 import sys
@@ -316,3 +330,32 @@ def apply() -> List[str]:
 
 def applied() -> List[str]:
     return list(_APPLIED)
+
+
+# ------------------------------------------------------------------------------------------------
+# Version-dependent helpers
+# ------------------------------------------------------------------------------------------------
+def create_local_process_group(num_workers_per_machine: int) -> None:
+    """Create detectron2's per-machine process group (``comm.get_local_rank()``,
+    ``get_local_size()``) after ``init_process_group``; every rank must call it.
+
+    detectron2 main has a public ``comm.create_local_process_group(num_workers_per_machine)``;
+    v0.6 has only the module global ``comm._LOCAL_PROCESS_GROUP`` that its own ``launch`` assigns.
+    Both assume machine ``m`` holds ranks ``m * n .. (m + 1) * n - 1`` (what torchrun and
+    d2_norms' launch assign)."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    create = getattr(comm, "create_local_process_group", None)
+    if create is not None:  # detectron2 main (after v0.6)
+        create(num_workers_per_machine)
+        return
+    assert comm._LOCAL_PROCESS_GROUP is None, "the local process group exists already"
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    assert world_size % num_workers_per_machine == 0
+    for machine in range(world_size // num_workers_per_machine):
+        ranks = list(range(machine * num_workers_per_machine,
+                           (machine + 1) * num_workers_per_machine))
+        group = dist.new_group(ranks)  # every rank creates every group (collective call)
+        if rank in ranks:
+            comm._LOCAL_PROCESS_GROUP = group

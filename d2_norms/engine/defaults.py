@@ -200,7 +200,7 @@ def run_cli(argv=None):
     launcher's environment and the process flags are checked first (each process exits 2 on a
     mismatch), then ``launch`` joins the launcher's group and ``main`` runs the input checks on
     rank 0 before anything is written."""
-    from d2_norms.engine.launch import DistributedSetupError, launch, launcher_environment
+    from d2_norms.engine.launch import launch, launcher_environment
 
     from .errors import NonFiniteLossError, NonFiniteWeightsError, user_error_types
 
@@ -212,7 +212,7 @@ def run_cli(argv=None):
             args.preflight_done = True
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except user_error_types() + (DistributedSetupError,) as e:
+    except user_error_types() as e:
         # Input mistakes and a diverged run: the message says what to do; the traceback (in
         # log.txt for a training run) would only hide it.
         diverged = isinstance(e, (NonFiniteLossError, NonFiniteWeightsError))

@@ -32,6 +32,11 @@ class NonFiniteWeightsError(FloatingPointError):
     """Weights or buffers became NaN or infinite; no checkpoint is written from them."""
 
 
+class DistributedSetupError(ValueError):
+    """The launcher's environment, or the --num-gpus / --num-machines / --machine-rank /
+    --dist-url flags, do not describe one consistent set of processes (bad input: exit code 2)."""
+
+
 def user_error_types() -> tuple:
     """Exception types that mean "fix your input" (printed without a traceback)."""
     from d2_norms.data import DatasetError
@@ -39,7 +44,7 @@ def user_error_types() -> tuple:
 
     return (ConfigKeyError, ConfigFileError, BatchSizeError, WeightsMismatchError,
             NonFiniteLossError, NonFiniteWeightsError, DatasetError, UnknownNormError,
-            GroupNormDivisibilityError)
+            GroupNormDivisibilityError, DistributedSetupError)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,16 +27,15 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
+from d2_norms import compat
+
+from .errors import DistributedSetupError
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 logger = logging.getLogger(__name__)
 
 # Variables whose presence means "an external launcher started this process as one rank".
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
-
-
-class DistributedSetupError(ValueError):
-    """The launcher's environment, or the --num-gpus / --num-machines / --machine-rank /
-    --dist-url flags, do not describe one consistent set of processes (bad input: exit code 2)."""
 
 
 def _free_local_port() -> int:
@@ -68,26 +67,8 @@ def share_cpu_cores(processes_per_machine: int) -> None:
 
 
 def setup_local_process_group(num_workers_per_machine: int) -> None:
-    """Create detectron2's per-machine process group (``comm.get_local_rank()``,
-    ``get_local_size()``) after ``init_process_group``; every rank must call it.
-
-    The one place that knows the detectron2 version difference: detectron2 main has a public
-    ``comm.create_local_process_group(num_workers_per_machine)``; v0.6 has only the module
-    global ``comm._LOCAL_PROCESS_GROUP`` that its own launch assigns. Both assume machine ``m``
-    holds ranks ``m * n .. (m + 1) * n - 1`` (what torchrun and our launch assign)."""
-    create = getattr(comm, "create_local_process_group", None)
-    if create is not None:  # detectron2 main (after v0.6)
-        create(num_workers_per_machine)
-        return
-    assert comm._LOCAL_PROCESS_GROUP is None, "the local process group exists already"
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    assert world_size % num_workers_per_machine == 0
-    for machine in range(world_size // num_workers_per_machine):
-        ranks = list(range(machine * num_workers_per_machine,
-                           (machine + 1) * num_workers_per_machine))
-        group = dist.new_group(ranks)  # every rank creates every group (collective call)
-        if rank in ranks:
-            comm._LOCAL_PROCESS_GROUP = group
+    """detectron2's per-machine process group; the version difference lives in d2_norms.compat."""
+    compat.create_local_process_group(num_workers_per_machine)
 
 
 # ------------------------------------------------------------------------------------------------
