@@ -24,10 +24,13 @@ What it checks (each part can be skipped):
    (``--export-method``), re-loaded and compared with the eager model (max |difference| per
    output field, detections and classes must match).
 
-It prints a summary table and, with ``--json``, writes every number to a file. Exit status 0
-when everything passed, 1 when a check failed, 2 on bad arguments (e.g. no CUDA).
+It prints a summary table and, with ``--json``, writes every number to a file (rewritten after
+each check, so a killed run leaves what it measured). ``--time-budget`` starts no new run after
+that many seconds and reports the rest as skipped. Exit status 0 when no check failed, 1 when
+one did, 2 on bad arguments (e.g. no CUDA).
 
     python tools/gpu_check.py --json gpu_check.json
+    python tools/gpu_check.py --time-budget 170 --json gpu_check.json  # under a time limit
     python tools/gpu_check.py --norms FRN GN --detectors retinanet --iters 40 --amp on
     python tools/gpu_check.py --device cpu --iters 2 --amp off --skip-frn-kernels  # local try
 """
