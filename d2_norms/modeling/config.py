@@ -41,4 +41,11 @@ def add_backbone_config(cfg: CN) -> CN:
     # True: Scaled WS in every conv (eq. 3). False: plain He-initialised convs, the mean-shift
     # baseline of sec. 4.1 (for Signal Propagation Plots / ablations, not for training).
     _setdefault(nf, "SCALED_WS", True)
+    # Epsilon added to each Scaled-WS conv's fan-in variance. 1e-6 as timm's ScaledStdConv2d
+    # default; timm's NF-ResNets (NfCfg.std_conv_eps) use 1e-5, which converted weights need.
+    _setdefault(nf, "WS_EPS", 1e-6)
+    # False: a striding transition block's shortcut is a strided 1x1 conv (the paper's
+    # pre-activation transition). True: 2x2 average pool, then a stride-1 1x1 conv (timm's
+    # NF-ResNets, DownsampleAvg), needed by weights converted from timm.
+    _setdefault(nf, "SHORTCUT_AVG_POOL", False)
     return cfg

@@ -26,6 +26,12 @@ Stage outputs (res2..res5) are the un-normalised residual stream (mean ~0, varia
 
 With ``MODEL.D2NORMS.NF.SCALED_WS = False`` the convs are plain He-initialised convs: the
 network of sec. 4.1 whose channel means drift with depth (kept for Signal Propagation Plots).
+
+Two options exist so that timm's ``nf_resnet*`` weights compute the same function here
+(``d2_norms.modeling.pretrained``, docs/pretrained.md); their defaults keep the network above:
+``MODEL.D2NORMS.NF.WS_EPS`` (the Scaled-WS epsilon; timm's NF-ResNets use 1e-5) and
+``MODEL.D2NORMS.NF.SHORTCUT_AVG_POOL`` (a striding transition's shortcut is a 2x2 average pool
+followed by a stride-1 1x1 conv, timm's ``DownsampleAvg``, instead of a strided 1x1 conv).
 """
 import math
 
@@ -35,6 +41,8 @@ from torch.nn import functional as F
 
 from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling.backbone.resnet import ResNet
+
+from d2_norms.layers.weight_std import WS_EPS
 
 from . import _layers
 from .resnet import check_resnet_cfg, stage_specs
@@ -51,9 +59,10 @@ __all__ = [
 class _NFConvFactory:
     """Builds the NF-ResNet's convs: Scaled WS (default) or plain He-init (sec. 4.1 baseline)."""
 
-    def __init__(self, scaled_ws: bool, activation: str):
+    def __init__(self, scaled_ws: bool, activation: str, eps: float = WS_EPS):
         self.scaled_ws = scaled_ws
         self.activation = activation
+        self.eps = float(eps)
         self.act_gain = _layers.activation_gain(activation) if scaled_ws else None
 
     def __call__(self, in_ch, out_ch, kernel_size, *, stride=1, padding=0, dilation=1,
@@ -64,6 +73,7 @@ class _NFConvFactory:
                 in_ch, out_ch, kernel_size, stride=stride, padding=padding, dilation=dilation,
                 groups=groups, bias=True, gamma=gain,
             )
+            conv.eps = self.eps
             # Gaussian underlying weights (sec. 4.2), variance 1/fan_in as the paper's code;
             # the standardization makes the scale irrelevant to the forward pass.
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
@@ -83,7 +93,7 @@ class _NFBlockBase(CNNBlockBase):
     d2n_agc_exclude_params = ("skip_gain",)
 
     def __init__(self, in_channels, out_channels, stride, *, alpha, beta, activation,
-                 skip_gain_init, transition=None):
+                 skip_gain_init, transition=None, shortcut_avg_pool=False):
         super().__init__(in_channels, out_channels, stride)
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
@@ -100,6 +110,12 @@ class _NFBlockBase(CNNBlockBase):
                 "conv; pass transition=True or None")
         # A transition block's skip path is a 1x1 conv on g(x / beta) (sec. 4.5).
         self.is_transition = bool(transition)
+        # timm's DownsampleAvg: a striding shortcut averages 2x2 windows (all inputs seen), then
+        # a stride-1 1x1 conv; the default strided 1x1 conv reads one pixel in four.
+        self.shortcut_pool = None
+        if self.is_transition and shortcut_avg_pool and stride > 1:
+            self.shortcut_pool = nn.AvgPool2d(2, stride, ceil_mode=True,
+                                              count_include_pad=False)
         # SkipInit (De & Smith 2020; NF paper sec. 4.4): learnable scalar, 0 at init by default.
         self.skip_gain = nn.Parameter(torch.tensor(float(skip_gain_init)))
         # Marks f_l(x_l / beta_l), before alpha and the skip gain, for Signal Propagation Plots.
@@ -108,8 +124,17 @@ class _NFBlockBase(CNNBlockBase):
     def extra_repr(self):
         return f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.is_transition}"
 
+    def _shortcut_stride(self, stride):
+        """Stride of the shortcut conv (1 when the average pool does the striding)."""
+        return 1 if self.shortcut_pool is not None else stride
+
     def _merge(self, x, pre, branch):
-        shortcut = self.shortcut(pre) if self.shortcut is not None else x
+        if self.shortcut is None:
+            shortcut = x
+        elif self.shortcut_pool is not None:
+            shortcut = self.shortcut(self.shortcut_pool(pre))
+        else:
+            shortcut = self.shortcut(pre)
         return shortcut + self.branch_out(branch) * (self.alpha * self.skip_gain)
 
 
@@ -117,13 +142,14 @@ class NFBasicBlock(_NFBlockBase):
     """Pre-activation basic block: g -> 3x3 conv -> g -> 3x3 conv."""
 
     def __init__(self, in_channels, out_channels, *, stride=1, alpha=0.2, beta=1.0,
-                 activation="relu", skip_gain_init=0.0, conv_factory=None, transition=None):
+                 activation="relu", skip_gain_init=0.0, conv_factory=None, transition=None,
+                 shortcut_avg_pool=False):
         super().__init__(in_channels, out_channels, stride, alpha=alpha, beta=beta,
                          activation=activation, skip_gain_init=skip_gain_init,
-                         transition=transition)
+                         transition=transition, shortcut_avg_pool=shortcut_avg_pool)
         conv = conv_factory or _NFConvFactory(True, activation)
         self.act1 = _layers.nf_activation(activation)
-        self.shortcut = (conv(in_channels, out_channels, 1, stride=stride)
+        self.shortcut = (conv(in_channels, out_channels, 1, stride=self._shortcut_stride(stride))
                          if self.is_transition else None)
         self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1)
         self.act2 = _layers.nf_activation(activation)
@@ -140,14 +166,15 @@ class NFBottleneckBlock(_NFBlockBase):
 
     def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1,
                  num_groups=1, stride_in_1x1=False, dilation=1, alpha=0.2, beta=1.0,
-                 activation="relu", skip_gain_init=0.0, conv_factory=None, transition=None):
+                 activation="relu", skip_gain_init=0.0, conv_factory=None, transition=None,
+                 shortcut_avg_pool=False):
         super().__init__(in_channels, out_channels, stride, alpha=alpha, beta=beta,
                          activation=activation, skip_gain_init=skip_gain_init,
-                         transition=transition)
+                         transition=transition, shortcut_avg_pool=shortcut_avg_pool)
         conv = conv_factory or _NFConvFactory(True, activation)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.act1 = _layers.nf_activation(activation)
-        self.shortcut = (conv(in_channels, out_channels, 1, stride=stride)
+        self.shortcut = (conv(in_channels, out_channels, 1, stride=self._shortcut_stride(stride))
                          if self.is_transition else None)
         self.conv1 = conv(in_channels, bottleneck_channels, 1, stride=stride_1x1)
         self.act2 = _layers.nf_activation(activation)
@@ -213,7 +240,8 @@ def build_nf_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
         raise ValueError(f"MODEL.D2NORMS.NF.ALPHA must be > 0 (paper: 0.2), got {nf.ALPHA}.")
     activation = str(nf.ACTIVATION).lower()
     _layers.nf_activation(activation)  # fail early, with the list of known names
-    conv = _NFConvFactory(bool(nf.SCALED_WS), activation)
+    # .get: configs made before these keys existed mean the default network.
+    conv = _NFConvFactory(bool(nf.SCALED_WS), activation, eps=float(nf.get("WS_EPS", WS_EPS)))
     stem = NFStem(input_shape.channels, cfg.MODEL.RESNETS.STEM_OUT_CHANNELS, conv_factory=conv)
 
     specs = stage_specs(cfg)
@@ -228,7 +256,8 @@ def build_nf_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     betas = nf_betas([s["num_blocks"] for s in specs], transitions, alpha)
 
     common = dict(alpha=alpha, activation=activation, skip_gain_init=nf.SKIP_GAIN_INIT,
-                  conv_factory=conv)
+                  conv_factory=conv,
+                  shortcut_avg_pool=bool(nf.get("SHORTCUT_AVG_POOL", False)))
     stages = []
     for spec, stage_betas, stage_transitions in zip(specs, betas, transitions):
         blocks = []
