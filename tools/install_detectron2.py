@@ -332,10 +332,10 @@ def install_pure_python(root: str) -> None:
     pip("install", "--no-deps", "--no-build-isolation", "--force-reinstall", root)
 
 
-def try_compiled(root: str, source_sha256: str, args, variant: str) -> str:
+def try_compiled(root: str, source_sha256: str, args, variant: str) -> tuple:
     """Install detectron2 with its compiled ops from the wheel cache or a fresh build. Returns
-    '' on success, else why it did not work (the caller decides between failing and falling
-    back)."""
+    (why it did not work or '', where the build came from); the caller decides between failing
+    and falling back."""
     cache = wheel_cache_dir(args.wheel_cache)
     key = cache_key(source_sha256, variant)
     cached = os.path.join(cache, key)
@@ -363,7 +363,7 @@ def try_compiled(root: str, source_sha256: str, args, variant: str) -> str:
             errors = [line for line in lines if "error" in line.lower()][:15]
             print(f"--- build errors ---\n{''.join(errors)}--- last lines ---\n"
                   f"{''.join(lines[-8:])}--- full log: {kept_log} ---", flush=True)
-            return f"the C++ build failed after {seconds:.0f} s (log: {kept_log})"
+            return f"the C++ build failed after {seconds:.0f} s (log: {kept_log})", ""
         seconds = time.monotonic() - start
         print(f"C++ ops built in {seconds:.0f} s", flush=True)
         how = f"built in {seconds:.0f} s"
@@ -377,9 +377,8 @@ def try_compiled(root: str, source_sha256: str, args, variant: str) -> str:
     pip("install", "--no-deps", "--force-reinstall", wheel)
     problem = verify_compiled_ops()
     if problem:
-        return f"the compiled extension does not work ({problem})"
-    args.how_compiled = how
-    return ""
+        return f"the compiled extension does not work ({problem})", how
+    return "", how
 
 
 def _makedirs(path: str) -> str:
@@ -406,16 +405,16 @@ def install_from_source(args) -> str:
         uninstall_installed_detectron2()
 
         variant = "cuda" if cuda_ops_would_build() else "cpu"
-        reason = ""
+        reason, how = "", ""
         if args.ops == "no":
             reason = "--ops no"
         elif not cxx_compiler():
             reason = f"no C++ compiler found ({os.environ.get('CXX', 'c++')} is not on PATH)"
         else:
-            reason = try_compiled(root, digest, args, variant)
+            reason, how = try_compiled(root, digest, args, variant)
         if not reason:
             return (f"detectron2 {version} installed from {source} WITH its compiled C++ ops "
-                    f"({variant.upper()} ops; {args.how_compiled})")
+                    f"({variant.upper()} ops; {how})")
         if args.ops == "yes":
             raise RuntimeError(f"--ops yes: {reason}")
         if args.ops == "auto":
