@@ -665,3 +665,32 @@ def test_retinanet_prior_and_init():
                                                                -math.log((1 - prior) / prior)))
     w = head.cls_subnet[0].weight
     assert abs(float(w.detach().std()) - 0.01) < 0.002  # detectron2's N(0, 0.01) init
+
+
+def test_third_party_norm_reaches_every_head():
+    # register_norm once; every d2_norms head builds its conv kind and paired activation.
+    name = "TestHeadsSiLUGNWS"
+
+    @L.register_norm(name, conv="ws", activation=lambda c: nn.SiLU())
+    def _factory(channels):
+        return nn.GroupNorm(8, channels)
+
+    try:
+        cfg = shipped_cfg("synthetic/mask_rcnn_R18_FPN_GN.yaml", "")
+        cfg.MODEL.RPN.NORM = cfg.MODEL.ROI_BOX_HEAD.NORM = cfg.MODEL.ROI_MASK_HEAD.NORM = name
+        cfg.MODEL.RETINANET.NORM = name
+        fpn = cfg.MODEL.FPN.OUT_CHANNELS
+        heads = [
+            D2NormsRPNHead(cfg, _feature_shapes(cfg, cfg.MODEL.RPN.IN_FEATURES, fpn)),
+            D2NormsConvFCHead(cfg, ShapeSpec(channels=fpn, height=7, width=7)),
+            D2NormsMaskHead(cfg, ShapeSpec(channels=fpn, height=14, width=14)),
+            D2NormsRetinaNetHead(cfg, _feature_shapes(cfg, cfg.MODEL.RPN.IN_FEATURES, fpn)),
+        ]
+        for head in heads:
+            for conv, after in hidden_convs(head):
+                assert isinstance(conv, L.WSConv2d)
+                assert [type(m) for m in after] == [nn.GroupNorm, nn.SiLU]
+            assert not any(isinstance(m, nn.ReLU) for n, m in head.named_modules()
+                           if "relu" not in n)  # only detectron2's fc/deconv ReLUs remain
+    finally:
+        L.unregister_norm(name)

@@ -1,11 +1,17 @@
 """d2_norms' detection heads, registered in detectron2's registries, built right for their norm.
 
-| registry / key                                 | name                   | detectron2 original      |
-|------------------------------------------------|------------------------|--------------------------|
-| ``RPN_HEAD_REGISTRY`` (``MODEL.RPN.HEAD_NAME``) | ``D2NormsRPNHead``     | ``StandardRPNHead``      |
-| ``ROI_BOX_HEAD_REGISTRY`` (``ROI_BOX_HEAD.NAME``) | ``D2NormsConvFCHead`` | ``FastRCNNConvFCHead``   |
-| ``ROI_MASK_HEAD_REGISTRY`` (``ROI_MASK_HEAD.NAME``) | ``D2NormsMaskHead`` | ``MaskRCNNConvUpsampleHead`` |
-| ``META_ARCH_REGISTRY`` (``META_ARCHITECTURE``)  | ``D2NormsRetinaNet``   | ``RetinaNet`` (+ ``RetinaNetHead``) |
+==========================  ============================  ===================================
+detectron2 registry          key -> name                   detectron2 original
+==========================  ============================  ===================================
+``RPN_HEAD_REGISTRY``        ``MODEL.RPN.HEAD_NAME``       ``StandardRPNHead``
+                             -> ``D2NormsRPNHead``
+``ROI_BOX_HEAD_REGISTRY``    ``MODEL.ROI_BOX_HEAD.NAME``   ``FastRCNNConvFCHead``
+                             -> ``D2NormsConvFCHead``
+``ROI_MASK_HEAD_REGISTRY``   ``MODEL.ROI_MASK_HEAD.NAME``  ``MaskRCNNConvUpsampleHead``
+                             -> ``D2NormsMaskHead``
+``META_ARCH_REGISTRY``       ``MODEL.META_ARCHITECTURE``   ``RetinaNet`` (its ``RetinaNetHead``:
+                             -> ``D2NormsRetinaNet``       ``D2NormsRetinaNetHead``)
+==========================  ============================  ===================================
 
 Each head resolves its norm name once (:func:`d2_norms.layers.conv_norm_act.resolve_norm`) and
 builds, from the start, the conv the norm needs (WS for GNWS, Scaled WS for NF, with gamma = the
