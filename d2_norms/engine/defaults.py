@@ -86,7 +86,31 @@ def setup_cfg(args, *, log: bool = True):
     return cfg
 
 
-def preflight(args, world_size: int):
+class YacsRun:
+    """What differs between the two CLIs, for :func:`preflight` / :func:`main` /
+    :func:`run_cli`: how the arguments become the engine's (yacs) settings, the model and the
+    trainer. ``tools/train_net.py`` uses this one; ``tools/lazyconfig_train_net.py`` passes
+    ``d2_norms.lazy.engine.LazyRun`` (a LazyConfig whose settings node is a yacs config).
+    Stateless and picklable: it travels to spawned worker processes."""
+
+    def setup_cfg(self, args, *, log: bool = True):
+        return setup_cfg(args, log=log)
+
+    def extra_checks(self, args, cfg) -> None:
+        """Input checks beyond the shared ones (run in preflight, nothing written yet)."""
+
+    def build_model(self, cfg, args):
+        from d2_norms.engine.trainer import Trainer
+
+        return Trainer.build_model(cfg)
+
+    def trainer(self, cfg, args):
+        from d2_norms.engine.trainer import Trainer
+
+        return Trainer(cfg)
+
+
+def preflight(args, world_size: int, run: "YacsRun" = None):
     """Every check that can fail on bad input, before worker processes start and before
     anything is written to OUTPUT_DIR. Returns the config."""
     from d2_norms.data import check_datasets
@@ -94,7 +118,9 @@ def preflight(args, world_size: int):
     from .preflight import (check_batch_split, check_model_builds, check_weights_file,
                             eval_weights_path, last_checkpoint_path)
 
-    cfg = setup_cfg(args, log=False)
+    run = run or YacsRun()
+    cfg = run.setup_cfg(args, log=False)
+    run.extra_checks(args, cfg)
     if not args.eval_only:
         check_batch_split(cfg, world_size)
         check_datasets(cfg, deep=True)
@@ -128,14 +154,14 @@ def preflight(args, world_size: int):
     return cfg
 
 
-def _evaluate_only(cfg, args):
+def _evaluate_only(cfg, args, run: "YacsRun" = None):
     from d2_norms.engine.trainer import Trainer
     from d2_norms.evaluation import save_results
 
     from .checkpoint import AtomicCheckpointer
     from .preflight import check_weights_file, eval_weights_path
 
-    model = Trainer.build_model(cfg)
+    model = (run or YacsRun()).build_model(cfg, args)
     weights = eval_weights_path(cfg, args.resume)
     checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -154,23 +180,23 @@ def _evaluate_only(cfg, args):
     return results
 
 
-def main(args):
+def main(args, run: "YacsRun" = None):
     """Entry point run in every process by ``launch``."""
-    from d2_norms.engine.trainer import Trainer
     from d2_norms.evaluation import write_run_status
 
+    run = run or YacsRun()
     if not getattr(args, "preflight_done", False):
         # Under torchrun the processes exist before any check could run: rank 0 checks (it may
         # generate a synthetic dataset; no two ranks race on its files), every rank stops on
         # its error.
         from .launch import run_on_main_process
 
-        run_on_main_process(preflight, args, comm.get_world_size())
-    cfg = setup_cfg(args)
+        run_on_main_process(preflight, args, comm.get_world_size(), run)
+    cfg = run.setup_cfg(args)
     if args.eval_only:
-        return _evaluate_only(cfg, args)
+        return _evaluate_only(cfg, args, run)
 
-    trainer = Trainer(cfg)
+    trainer = run.trainer(cfg, args)
     trainer.resume_or_load(resume=args.resume,
                            allow_partial=getattr(args, "allow_partial_weights", False))
     if comm.is_main_process():
@@ -193,7 +219,7 @@ def main(args):
     return results
 
 
-def run_cli(argv=None):
+def run_cli(argv=None, run: "YacsRun" = None):
     """Parse, check the input (once, before any process starts or file is written), launch.
 
     Under torchrun (or a scheduler setting its variables) this runs in every process: the
@@ -206,12 +232,13 @@ def run_cli(argv=None):
 
     args = argument_parser().parse_args(argv)
     print("Command Line Args:", args)
+    run = run or YacsRun()
     try:
         if launcher_environment() is None:
-            preflight(args, (args.num_gpus or 1) * (args.num_machines or 1))
+            preflight(args, (args.num_gpus or 1) * (args.num_machines or 1), run)
             args.preflight_done = True
         launch(main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args, run))
     except user_error_types() as e:
         # Input mistakes and a diverged run: the message says what to do; the traceback (in
         # log.txt for a training run) would only hide it.

@@ -37,6 +37,10 @@ class DistributedSetupError(ValueError):
     --dist-url flags, do not describe one consistent set of processes (bad input: exit code 2)."""
 
 
+class LazyConfigError(ValueError):
+    """A LazyConfig that cannot be loaded, overridden or saved (tools/lazyconfig_train_net.py)."""
+
+
 def user_error_types() -> tuple:
     """Exception types that mean "fix your input" (printed without a traceback)."""
     from d2_norms.data import DatasetError
@@ -44,7 +48,7 @@ def user_error_types() -> tuple:
 
     return (ConfigKeyError, ConfigFileError, BatchSizeError, WeightsMismatchError,
             NonFiniteLossError, NonFiniteWeightsError, DatasetError, UnknownNormError,
-            GroupNormDivisibilityError, DistributedSetupError)
+            GroupNormDivisibilityError, DistributedSetupError, LazyConfigError)
 
 
 # ------------------------------------------------------------------------------------------------

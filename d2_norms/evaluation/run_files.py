@@ -28,6 +28,8 @@ from .backends import COCO_METRICS, IOU_TYPES
 RESULTS_FILE = "results.json"
 RUN_STATUS_FILE = "run_status.json"
 CONFIG_FILE = "config.yaml"
+# The yacs settings of a LazyConfig run (d2_norms.lazy.engine.SETTINGS_FILE).
+LAZY_SETTINGS_FILE = "settings.yaml"
 METRICS_FILE = "metrics.json"
 RESULTS_SCHEMA_VERSION = 1
 RUN_STATUS_SCHEMA_VERSION = 1
@@ -474,6 +476,14 @@ def load_config_yaml(path: str) -> Dict[str, Any]:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise RunFileError(path, f"config.yaml is not valid YAML ({e})") from e
+    if isinstance(data, dict) and "MODEL" not in data and "settings" in data:
+        # A LazyConfig run (tools/lazyconfig_train_net.py): config.yaml is the LazyConfig, the
+        # yacs settings the engine ran with are next to it.
+        settings = os.path.join(os.path.dirname(path), LAZY_SETTINGS_FILE)
+        if not os.path.exists(settings):
+            raise RunFileError(path, f"a LazyConfig run without its {LAZY_SETTINGS_FILE}",
+                               "the run did not get past set-up; rerun it")
+        return load_config_yaml(settings)
     if not isinstance(data, dict) or "MODEL" not in data:
         raise RunFileError(path, "config.yaml has no MODEL section; it is not a detectron2 config")
     return data

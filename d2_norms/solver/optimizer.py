@@ -72,26 +72,55 @@ def normalizer_parameter_names(model: torch.nn.Module) -> List[str]:
     return names
 
 
-def get_optimizer_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
-    """One group per parameter with its lr and weight decay: WEIGHT_DECAY_NORM for normalizer
-    parameters, WEIGHT_DECAY_BIAS / BIAS_LR_FACTOR for other biases, WEIGHT_DECAY otherwise."""
-    solver = cfg.SOLVER
+def d2_norms_optimizer_params(model: torch.nn.Module, base_lr=None, weight_decay=None,
+                              weight_decay_norm=None, bias_lr_factor: float = 1.0,
+                              weight_decay_bias=None, overrides=None) -> List[Dict]:
+    """d2_norms' replacement for detectron2's ``get_default_optimizer_params`` (same arguments;
+    usable from a LazyConfig as ``L(d2_norms_optimizer_params)(model=None, ...)``, the model
+    filled in by the trainer): one group per parameter, named (``"name"``).
+
+    ``weight_decay_norm`` applies to every normalizer parameter (:func:`normalizer_parameter_names`:
+    d2_norms' FRN/TLU, GN/WS, Scaled WS gains and biases, SkipInit, and torch's norms), where
+    detectron2's function knows torch's norm classes only. Other biases get ``bias_lr_factor``
+    and ``weight_decay_bias`` (None: ``weight_decay``). A normalizer bias is a normalizer
+    parameter first (no bias lr factor). ``overrides``: {parameter leaf name: {hyper-parameter:
+    value}}, applied last, as detectron2's. ``None`` values leave the optimizer's default."""
+    if base_lr is None and bias_lr_factor != 1.0:
+        raise ValueError("bias_lr_factor requires base_lr")
     norm_names = set(normalizer_parameter_names(model))
     groups, seen = [], set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        lr, decay = solver.BASE_LR, solver.WEIGHT_DECAY
+        lr, decay = base_lr, weight_decay
         if name in norm_names:
-            decay = solver.WEIGHT_DECAY_NORM
-        elif name.endswith(".bias"):
-            lr = solver.BASE_LR * solver.BIAS_LR_FACTOR
+            if weight_decay_norm is not None:
+                decay = weight_decay_norm
+        elif name.endswith(".bias") or name == "bias":
+            if base_lr is not None:
+                lr = base_lr * bias_lr_factor
             # detectron2: WEIGHT_DECAY_BIAS None means "same as WEIGHT_DECAY"
-            if solver.WEIGHT_DECAY_BIAS is not None:
-                decay = solver.WEIGHT_DECAY_BIAS
-        groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": name})
+            if weight_decay_bias is not None:
+                decay = weight_decay_bias
+        group = {"params": [param], "name": name}
+        if lr is not None:
+            group["lr"] = lr
+        if decay is not None:
+            group["weight_decay"] = decay
+        group.update((overrides or {}).get(name.rpartition(".")[2], {}))
+        groups.append(group)
     return groups
+
+
+def get_optimizer_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
+    """One group per parameter with its lr and weight decay: WEIGHT_DECAY_NORM for normalizer
+    parameters, WEIGHT_DECAY_BIAS / BIAS_LR_FACTOR for other biases, WEIGHT_DECAY otherwise."""
+    solver = cfg.SOLVER
+    return d2_norms_optimizer_params(
+        model, base_lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY,
+        weight_decay_norm=solver.WEIGHT_DECAY_NORM, bias_lr_factor=solver.BIAS_LR_FACTOR,
+        weight_decay_bias=solver.WEIGHT_DECAY_BIAS)
 
 
 def _uses_agc(cfg) -> bool:
