@@ -12,8 +12,10 @@ def add_d2_norms_config(cfg: CN) -> CN:
     """
     from d2_norms.evaluation import add_evaluation_config
     from d2_norms.modeling import add_backbone_config
+    from d2_norms.modeling.heads import add_heads_config
 
     add_backbone_config(cfg)
+    add_heads_config(cfg)
     add_evaluation_config(cfg)
     return cfg
 

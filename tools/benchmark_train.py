@@ -322,7 +322,9 @@ def build_candidates(detector, args, device):
         train[norm] = cand
         infer[norm] = Candidate(norm, model, device)
         if norm == "BN":
-            frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(copy.deepcopy(model))
+            # .to(device): detectron2 creates the FrozenBN buffers of a non-affine BN (the
+            # RetinaNet head's per-level BNs) on the CPU.
+            frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(copy.deepcopy(model)).to(device)
             infer["FrozenBN"] = Candidate("FrozenBN", frozen, device)
         if norm in ("NF", "GNWS"):
             folded = fold_weight_standardization(copy.deepcopy(model).eval())

@@ -12,6 +12,7 @@ from .backbone import (build_d2n_resnet_backbone, build_d2n_resnet_fpn_backbone,
                        build_d2n_retinanet_resnet_fpn_backbone)
 from .config import NF_NORM, add_backbone_config
 from .fpn import NormFPN, NormLastLevelP6P7
+from . import heads  # noqa: F401  (registers D2NormsRetinaNet and the RPN / box / mask heads)
 from .nf_resnet import NFBasicBlock, NFBottleneckBlock, NFStem, build_nf_resnet, nf_betas
 from .resnet import NormBasicBlock, NormBottleneckBlock, NormStem, build_norm_resnet
 
