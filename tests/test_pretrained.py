@@ -85,8 +85,27 @@ def relative_errors(features, reference):
 
 
 def run_tool(*args):
+    """tools/convert_pretrained.py as a command (a new process, as users run it)."""
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
                           cwd=REPO, timeout=600)
+
+
+@pytest.fixture
+def tool(capsys):
+    """The same tool's ``main`` in this process (the bad-input tests: no ~15 s start-up each);
+    returns an object with ``returncode``, ``stdout``, ``stderr`` like ``run_tool``."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("convert_pretrained", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(*args):
+        code = module.main(list(args))
+        captured = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return run
 
 
 def finetune_cfg(config_file, *opts):
@@ -107,8 +126,9 @@ def converted(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(name)
     src, out = str(tmp / "timm.pth"), str(tmp / "converted.pth")
     torch.save(model.state_dict(), src)
-    result = run_tool("timm", name, "--checkpoint", src, "-o", out)
+    result = run_tool("timm", name, "--checkpoint", src, "-o", out, "--verify")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "verify (max |d2_norms - timm| / max |timm|, float32): res2 " in result.stdout
     assert "fine-tune with:" in result.stdout and "COCO-finetune/" in result.stdout
     return name, model, out
 
@@ -295,52 +315,52 @@ def assert_bad_input(result, out, *fragments):
     assert not [f for f in os.listdir(os.path.dirname(out)) if ".tmp-" in f]
 
 
-def test_unknown_model_lists_supported(tmp_path):
+def test_unknown_model_lists_supported(tool, tmp_path):
     out = str(tmp_path / "out.pth")
-    result = run_tool("timm", "resnet50", "-o", out)
+    result = tool("timm", "resnet50", "-o", out)
     assert_bad_input(result, out, "no converter for timm model 'resnet50'", "nf_resnet50",
                      "resnet50_gn")
 
 
-def test_missing_and_unreadable_checkpoints(tmp_path):
+def test_missing_and_unreadable_checkpoints(tool, tmp_path):
     out = str(tmp_path / "out.pth")
-    assert_bad_input(run_tool("timm", "resnet50_gn", "--checkpoint", str(tmp_path / "nope.pth"),
+    assert_bad_input(tool("timm", "resnet50_gn", "--checkpoint", str(tmp_path / "nope.pth"),
                               "-o", out), out, "does not exist")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    assert_bad_input(run_tool("timm", "resnet50_gn", "--checkpoint", str(junk), "-o", out),
+    assert_bad_input(tool("timm", "resnet50_gn", "--checkpoint", str(junk), "-o", out),
                      out, "could not be read")
     torch.save([torch.zeros(3)], str(tmp_path / "list.pth"))
-    assert_bad_input(run_tool("timm", "resnet50_gn", "--checkpoint", str(tmp_path / "list.pth"),
+    assert_bad_input(tool("timm", "resnet50_gn", "--checkpoint", str(tmp_path / "list.pth"),
                               "-o", out), out, "not a state dict of resnet50_gn")
 
 
 @needs_timm
-def test_checkpoint_of_another_model_names_missing_and_unexpected_keys(tmp_path):
+def test_checkpoint_of_another_model_names_missing_and_unexpected_keys(tool, tmp_path):
     out = str(tmp_path / "out.pth")
     src = str(tmp_path / "nf.pth")
     torch.save(timm.create_model("nf_resnet50").state_dict(), src)
-    result = run_tool("timm", "resnet50_gn", "--checkpoint", src, "-o", out)
+    result = tool("timm", "resnet50_gn", "--checkpoint", src, "-o", out)
     assert_bad_input(result, out, "not a state dict of timm's resnet50_gn", "missing keys",
                      "conv1.weight", "unexpected keys", "stem.conv.weight")
 
     truncated = {k: v for k, v in timm.create_model("resnet50_gn").state_dict().items()
                  if not k.startswith("layer4.2.")}
     torch.save({"state_dict": truncated}, src)  # a training checkpoint: unwrapped
-    result = run_tool("timm", "resnet50_gn", "--checkpoint", src, "-o", out)
+    result = tool("timm", "resnet50_gn", "--checkpoint", src, "-o", out)
     assert_bad_input(result, out, "missing keys (9)", "layer4.2.conv1.weight")
     assert "unexpected" not in result.stderr
 
 
 @needs_timm
-def test_width_mismatch(tmp_path):
+def test_width_mismatch(tool, tmp_path):
     from timm.models.resnet import Bottleneck, ResNet
 
     # Wide ResNet-50-2 with GroupNorm: resnet50_gn's names, twice the bottleneck width
     wide = ResNet(block=Bottleneck, layers=(3, 4, 6, 3), norm_layer="groupnorm", base_width=128)
     src, out = str(tmp_path / "wide.pth"), str(tmp_path / "out.pth")
     torch.save(wide.state_dict(), src)
-    result = run_tool("timm", "resnet50_gn", "--checkpoint", src, "-o", out)
+    result = tool("timm", "resnet50_gn", "--checkpoint", src, "-o", out)
     assert_bad_input(result, out, "width mismatch", "layer1.0.conv1.weight",
                      "(128, 64, 1, 1) in the checkpoint, (64, 64, 1, 1) in resnet50_gn")
 
