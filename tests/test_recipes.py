@@ -180,3 +180,22 @@ def test_reproduce_paper_table_commands(table, runs):
         assert sum(c.endswith("_lr0.01.yaml") for c in configs) == 9
         assert sum(c.endswith("_lr0.1.yaml") for c in configs) == 9
     assert "ap_table.py --paper" in out.stdout
+
+
+def test_lazy_twins_are_covered_by_the_drift_check(tmp_path):
+    """--check also compares configs/lazy (one LazyConfig per yacs cell + synthetic): an edited
+    or stale lazy file fails it."""
+    from d2_norms.lazy.configs import write_lazy_configs
+
+    assert write_lazy_configs(os.path.join(REPO, "configs", "lazy"), check=True) == []
+    assert write_lazy_configs(str(tmp_path)) and write_lazy_configs(str(tmp_path), True) == []
+    edited = tmp_path / "COCO-scratch" / "retinanet_R_50_FPN_FRN_2img.py"
+    edited.write_text(edited.read_text().replace("norm='FRN'", "norm='GN'"))
+    (tmp_path / "synthetic" / "old.py").write_text("")
+    assert write_lazy_configs(str(tmp_path), check=True) == [
+        os.path.join("COCO-scratch", "retinanet_R_50_FPN_FRN_2img.py"),
+        os.path.join("synthetic", "old.py") + " (not produced by the generator)"]
+    yaml_stems = {f[:-5] for f in os.listdir(MATRIX_DIR) if not f.startswith("Base-")}
+    lazy_stems = {f[:-3] for f in os.listdir(os.path.join(REPO, "configs", "lazy",
+                                                          "COCO-scratch"))}
+    assert lazy_stems == yaml_stems

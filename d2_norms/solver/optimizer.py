@@ -31,6 +31,14 @@ TORCH_NORM_TYPES = (
     FrozenBatchNorm2d,
     NaiveSyncBatchNorm,
 )
+try:
+    # BN in detectron2's RetinaNet head: one BN per FPN level sharing an affine weight/bias
+    # held by the list itself (its BN children have affine=False).
+    from detectron2.layers.batch_norm import CycleBatchNormList
+
+    TORCH_NORM_TYPES += (CycleBatchNormList,)
+except ImportError:  # detectron2 versions without it
+    pass
 
 
 def _d2_norms_norm_types():
