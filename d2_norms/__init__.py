@@ -7,6 +7,7 @@ registers the normalizers (detectron2's ``get_norm`` names), the backbones
 from . import compat
 
 compat.apply()
+compat.check_detectron2()  # a clear error naming the version and what is missing
 
 from . import layers  # noqa: E402  (normalizer registry; patches detectron2's get_norm)
 from . import modeling  # noqa: E402  (backbones)

@@ -19,6 +19,7 @@ detectron2's ``get_norm`` accepts are probed (main adds ``LN``). docs/detectron2
 lists them.
 """
 import importlib.util
+import os
 import sys
 import types
 from typing import List
@@ -330,6 +331,62 @@ def apply() -> List[str]:
 
 def applied() -> List[str]:
     return list(_APPLIED)
+
+
+# ------------------------------------------------------------------------------------------------
+# What d2_norms needs from detectron2
+# ------------------------------------------------------------------------------------------------
+class UnsupportedDetectron2Error(ImportError):
+    """The installed detectron2 lacks an API d2_norms builds on (too old, or changed)."""
+
+
+#: (module, attribute, what d2_norms uses it for): the public detectron2 API d2_norms builds on,
+#: present in v0.6 and in main. Checked once by ``import d2_norms``.
+REQUIRED_DETECTRON2_API = (
+    ("detectron2.config", "get_cfg", "yacs configs"),
+    ("detectron2.config", "LazyConfig", "LazyConfigs"),
+    ("detectron2.config", "instantiate", "LazyConfigs"),
+    ("detectron2.config", "configurable", "registered components"),
+    ("detectron2.layers", "get_norm", "normalizer names in stock components"),
+    ("detectron2.layers", "Conv2d", "conv + norm + activation modules"),
+    ("detectron2.layers", "ShapeSpec", "backbones and heads"),
+    ("detectron2.layers", "FrozenBatchNorm2d", "frozen BN stages"),
+    ("detectron2.modeling", "BACKBONE_REGISTRY", "d2_norms backbones"),
+    ("detectron2.modeling", "META_ARCH_REGISTRY", "D2NormsRetinaNet"),
+    ("detectron2.modeling", "RPN_HEAD_REGISTRY", "D2NormsRPNHead"),
+    ("detectron2.modeling", "ROI_BOX_HEAD_REGISTRY", "D2NormsConvFCHead"),
+    ("detectron2.modeling", "ROI_MASK_HEAD_REGISTRY", "D2NormsMaskHead"),
+    ("detectron2.modeling.backbone.fpn", "FPN", "NormFPN"),
+    ("detectron2.modeling.meta_arch.retinanet", "RetinaNet", "D2NormsRetinaNet"),
+    ("detectron2.checkpoint", "DetectionCheckpointer", "checkpoints and weight checks"),
+    ("detectron2.engine", "DefaultTrainer", "the trainer"),
+    ("detectron2.utils.comm", "get_world_size", "multi-process training"),
+)
+
+
+def check_detectron2(required=REQUIRED_DETECTRON2_API) -> None:
+    """Raise :class:`UnsupportedDetectron2Error` naming the detectron2 version found and every
+    missing API, instead of an AttributeError deep in a build or a forward pass."""
+    import importlib
+
+    import detectron2
+
+    missing = []
+    for module_name, attribute, used_for in required:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            missing.append(f"{module_name} (cannot import: {e}; used for {used_for})")
+            continue
+        if not hasattr(module, attribute):
+            missing.append(f"{module_name}.{attribute} (used for {used_for})")
+    if missing:
+        where = os.path.dirname(getattr(detectron2, "__file__", "") or "?")
+        raise UnsupportedDetectron2Error(
+            f"detectron2 {getattr(detectron2, '__version__', '?')} at {where} lacks what d2_norms "
+            f"needs: {'; '.join(missing)}. d2_norms supports detectron2 v0.6 (make setup) and "
+            "main built from source (tools/install_detectron2.py --source); see "
+            "docs/detectron2_versions.md.")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -405,3 +405,24 @@ def test_make_test_d2main_without_the_snapshot_says_so_and_succeeds(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "test-d2main: skipped" in out.stdout and "not found" in out.stdout
     assert not venv.exists()
+
+
+def test_detectron2_api_check_names_version_and_what_is_missing():
+    """A detectron2 lacking an API d2_norms builds on is reported at import with its version and
+    the missing names (here: the check run against a list with two names no detectron2 has)."""
+    import detectron2
+
+    from d2_norms import compat
+
+    compat.check_detectron2()  # the installed one (v0.6 or main) has everything
+    required = compat.REQUIRED_DETECTRON2_API + (
+        ("detectron2.modeling", "NO_SUCH_REGISTRY", "a future feature"),
+        ("detectron2.no_such_module", "anything", "another feature"),
+    )
+    with pytest.raises(compat.UnsupportedDetectron2Error) as info:
+        compat.check_detectron2(required)
+    message = str(info.value)
+    assert f"detectron2 {detectron2.__version__}" in message
+    assert "detectron2.modeling.NO_SUCH_REGISTRY (used for a future feature)" in message
+    assert "detectron2.no_such_module (cannot import" in message
+    assert "BACKBONE_REGISTRY" not in message  # only what is missing is listed
