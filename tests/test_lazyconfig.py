@@ -365,3 +365,19 @@ def test_sigkill_and_resume_end_with_the_same_weights(tmp_path):
     b = torch.load(killed / "model_final.pth", weights_only=True)
     _equal(a["model"], b["model"], "model")
     _equal(a["trainer"]["_trainer"], b["trainer"]["_trainer"], "optimizer")
+
+
+def test_every_finetune_lazy_twin_builds_its_yacs_files_settings():
+    """configs/lazy/COCO-finetune/<stem>.py gives exactly configs/COCO-finetune/<stem>.yaml's
+    settings (the pretrained weights, RGB ImageNet pixel statistics and norms included)."""
+    from d2_norms.lazy.configs import finetune_stems
+
+    stems = finetune_stems()
+    assert stems and len(stems) == len(os.listdir(os.path.join(LAZY, "COCO-finetune")))
+    for stem in stems:
+        lazy = LazyConfig.load(os.path.join(LAZY, "COCO-finetune", stem + ".py"))
+        mine = instantiate(lazy.settings)
+        theirs = load_config(os.path.join(REPO, "configs", "COCO-finetune", stem + ".yaml"), [])
+        assert mine.OUTPUT_DIR == "output/lazy/COCO-finetune/" + stem
+        mine.OUTPUT_DIR = theirs.OUTPUT_DIR
+        assert mine.dump() == theirs.dump(), stem

@@ -163,6 +163,58 @@ def render_synthetic_config(name: str) -> str:
     return "\n".join(text)
 
 
+# Fine-tuning configs (configs/COCO-finetune/, issue 15): their twins take the yacs file as the
+# base (schedule "base"); the recipe fields restate what the file says (norm, images per GPU), so
+# recipe.norm / recipe.ims_per_gpu stay the one-field knobs, and overrides restore the file's value
+# of any norm key the recipe's rule would set otherwise (e.g. NF heads without normalization).
+FINETUNE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "COCO-finetune")
+
+
+def finetune_stems() -> List[str]:
+    return sorted(f[: -len(".yaml")] for f in os.listdir(FINETUNE_DIR)
+                  if f.endswith(".yaml") and not f.startswith("Base-"))
+
+
+def render_finetune_config(stem: str) -> str:
+    """The LazyConfig twin of configs/COCO-finetune/<stem>.yaml."""
+    from d2_norms.engine.preflight import load_config
+
+    cfg = load_config(os.path.join(FINETUNE_DIR, stem + ".yaml"), [])
+    detector = "retinanet" if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet") else "mask_rcnn"
+    ref = int(cfg.SOLVER.REFERENCE_WORLD_SIZE) or 1
+    if cfg.SOLVER.IMS_PER_BATCH % ref:
+        raise ValueError(f"{stem}: IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of "
+                         f"REFERENCE_WORLD_SIZE {ref}")
+    norm = cfg.MODEL.RESNETS.NORM
+    recipe = dict(detector=detector, norm=norm, ims_per_gpu=cfg.SOLVER.IMS_PER_BATCH // ref,
+                  schedule="base", reference_world_size=ref)
+    overrides: Dict = {}
+    for key, value in recipes.norm_fields(detector, norm).items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node != value:
+            *sections, leaf = key.split(".")
+            target = overrides
+            for part in sections:
+                target = target.setdefault(part, {})
+            target[leaf] = node
+    text = [
+        HEADER,
+        f"# LazyConfig twin of configs/COCO-finetune/{stem}.yaml (same model and settings; its",
+        "# header says how to make the pretrained weights it loads).",
+        USAGE.format(schedule_note=" (IMS_PER_BATCH = ims_per_gpu x "
+                     "recipe.reference_world_size)", none_note="file's"),
+        IMPORTS,
+        _dict_block("recipe", recipe),
+        _dict_block("train", _train(f"output/lazy/COCO-finetune/{stem}")),
+        _settings(("..", "..", "COCO-finetune", stem + ".yaml"), overrides),
+        TAIL,
+    ]
+    return "\n".join(text)
+
+
 def expected_files() -> Dict[str, str]:
     """{path relative to configs/lazy: text} of every generated LazyConfig."""
     files = {}
@@ -170,6 +222,8 @@ def expected_files() -> Dict[str, str]:
         files[os.path.join("COCO-scratch", lazy_name(*cell))] = render_lazy_config(*cell)
     for name in SYNTHETIC:
         files[os.path.join("synthetic", name)] = render_synthetic_config(name)
+    for stem in finetune_stems():
+        files[os.path.join("COCO-finetune", stem + ".py")] = render_finetune_config(stem)
     return files
 
 
@@ -189,7 +243,7 @@ def write_lazy_configs(out_dir: str, check: bool = False) -> List[str]:
         if not check:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_text(path, text)
-    for sub in ("COCO-scratch", "synthetic"):
+    for sub in ("COCO-scratch", "synthetic", "COCO-finetune"):
         folder = os.path.join(out_dir, sub)
         if os.path.isdir(folder):
             for f in sorted(os.listdir(folder)):
