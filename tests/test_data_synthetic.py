@@ -1,5 +1,4 @@
 """The synthetic COCO set: validity with pycocotools, content, determinism, cache and atomicity."""
-import json
 import os
 import signal
 import subprocess

@@ -6,10 +6,8 @@ processes, bitwise resume after SIGKILL, results readable by tools/ap_table.py).
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -322,24 +320,6 @@ def test_two_gloo_processes_then_eval_only_and_mixed_ap_table(tmp_path):
     assert normalizers == {"FRN", "GN"}, data["runs"]
 
 
-def _kill_after_checkpoint(out_dir, after):
-    proc = subprocess.Popen(lazy_command(out_dir), env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = os.path.join(out_dir, "last_checkpoint")
-    deadline = time.time() + 600
-    try:
-        while True:
-            assert proc.poll() is None, "training ended before it could be killed"
-            assert time.time() < deadline
-            if os.path.exists(pointer) and open(pointer).read() >= after:
-                break
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert "model_final.pth" not in os.listdir(out_dir)
-
-
 def _equal(a, b, where=""):
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
@@ -356,10 +336,11 @@ def _equal(a, b, where=""):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_end_with_the_same_weights(tmp_path):
+def test_sigkill_and_resume_end_with_the_same_weights(tmp_path, sigkill_at_checkpoint):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run(lazy_command(whole))
-    _kill_after_checkpoint(killed, "model_0000002.pth")
+    sigkill_at_checkpoint(lazy_command(killed), str(killed), "model_0000002.pth", env=ENV,
+                          cwd=REPO)
     run(lazy_command(killed, resume=True))
     a = torch.load(whole / "model_final.pth", weights_only=True)
     b = torch.load(killed / "model_final.pth", weights_only=True)

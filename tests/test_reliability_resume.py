@@ -6,10 +6,8 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -42,25 +40,11 @@ def run(cmd, expect=0, timeout=900):
     return out
 
 
-def start_and_kill(out_dir, workers, after_checkpoint):
+def start_and_kill(out_dir, workers, after_checkpoint, sigkill_at_checkpoint):
     """Start training, SIGKILL it as soon as last_checkpoint names ``after_checkpoint`` or a
     later one; returns the iteration of the checkpoint it will resume from."""
-    proc = subprocess.Popen(command(out_dir, workers), env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = os.path.join(out_dir, "last_checkpoint")
-    deadline = time.time() + 600
-    try:
-        while True:
-            assert proc.poll() is None, "training ended before it could be killed"
-            assert time.time() < deadline
-            if os.path.exists(pointer) and open(pointer).read() >= after_checkpoint:
-                break
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    name = open(pointer).read()
-    assert "model_final.pth" not in os.listdir(out_dir)
+    name = sigkill_at_checkpoint(command(out_dir, workers), out_dir, after_checkpoint, env=ENV,
+                                 cwd=REPO)
     return int(re.match(r"model_(\d+)\.pth", name).group(1))
 
 
@@ -99,9 +83,9 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("workers,kill_after", [(2, "model_0000002.pth"),
                                                 (0, "model_0000005.pth")])
 def test_killed_and_resumed_run_ends_bitwise_identical(uninterrupted, tmp_path, workers,
-                                                       kill_after):
+                                                       kill_after, sigkill_at_checkpoint):
     resumed = tmp_path / "resumed"
-    resume_from = start_and_kill(resumed, workers, kill_after)
+    resume_from = start_and_kill(str(resumed), workers, kill_after, sigkill_at_checkpoint)
     out = run(command(resumed, workers, resume=True))
     log = out.stdout + out.stderr
     assert f"Starting training from iteration {resume_from + 1}" in log

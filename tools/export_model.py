@@ -86,7 +86,6 @@ def main(argv=None) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         return _bad_input(f"--output {args.output} exists and is not a directory")
 
-    import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 

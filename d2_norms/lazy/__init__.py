@@ -185,7 +185,7 @@ def recipe_settings(base: str, recipe: Mapping, train: Optional[Mapping] = None,
         raise ConfigKeyError(
             "unknown train entr" + ("ies " if len(unknown) > 1 else "y ") + ", ".join(
                 f"train.{k}" + (f" (did you mean train.{close[k][0]}?)" if close[k] else "")
-                for k in unknown) + f"; d2_norms' lazy trainer reads train."
+                for k in unknown) + "; d2_norms' lazy trainer reads train."
             + ", train.".join(TRAIN_KEYS) + " (other settings: settings.overrides.<YACS KEY>)")
     chosen = {TRAIN_KEYS[k]: v for k, v in _dotted(train) if v is not None}
     if chosen:
