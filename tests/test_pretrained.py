@@ -370,7 +370,8 @@ def test_width_mismatch(tool, tmp_path):
 # ------------------------------------------------------------------------------------------
 TINY = ["DATASETS.TRAIN", "('synthetic_shapes_tiny_train',)",
         "DATASETS.TEST", "('synthetic_shapes_tiny_val',)", "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "1",
+        "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "2",
         "SOLVER.STEPS", "()", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100",
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
