@@ -16,9 +16,9 @@ from d2_norms.config import add_d2_norms_config
 from d2_norms.engine.checkpoint import (AtomicCheckpointer, CheckpointHook, capture_rng_state,
                                         is_complete_checkpoint, isolated_rng,
                                         remove_stale_temp_files, restore_rng_state)
-from d2_norms.engine.data import (ResumableBatchSampler, SampleStream, SeededMapDataset,
-                                  derive_seed)
 from d2_norms.engine.errors import NonFiniteLossError, NonFiniteWeightsError
+from d2_norms.engine.train_loader import (ResumableBatchSampler, SampleStream, SeededMapDataset,
+                                          derive_seed)
 from d2_norms.engine.trainer import CheckedSimpleTrainer, Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,11 +7,11 @@ order, and the input checks ``tools/train_net.py`` runs before anything starts.
 * :class:`AtomicCheckpointer`, :class:`CheckpointHook` - atomic files and pointer, RNG states
   (``checkpoint``);
 * :func:`build_resumable_train_loader` - sample order and augmentations as functions of
-  (seed, stream position) (``data``);
+  (seed, stream position) (``train_loader``);
 * ``preflight`` / ``errors`` - bad input reported before workers start, nothing overwritten.
 """
 from .checkpoint import AtomicCheckpointer, CheckpointHook
-from .data import build_resumable_train_loader
+from .train_loader import build_resumable_train_loader
 from .errors import (BatchSizeError, ConfigFileError, ConfigKeyError, NonFiniteLossError,
                      NonFiniteWeightsError, WeightsMismatchError)
 from .launch import launch

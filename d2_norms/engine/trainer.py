@@ -97,8 +97,8 @@ class Trainer(DefaultTrainer):
     - COCO evaluation through ``d2_norms.evaluation``;
     - exact resume after a kill: atomic checkpoints holding the optimizer, scheduler, iteration,
       every process's RNG states and the data seed; a training order that resumes at the right
-      sample with the same augmentations (``d2_norms.engine.data``); evaluation that does not
-      disturb the training RNG;
+      sample with the same augmentations (``d2_norms.engine.train_loader``); evaluation that
+      does not disturb the training RNG;
     - a non-finite loss stops every process before the weights change, with the iteration, the
       losses and remedies; a checkpoint is never written from non-finite weights;
     - ``train()`` returning the final evaluation results.
@@ -165,11 +165,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """A training loader whose order and augmentations resume exactly
-        (``d2_norms.engine.data``), with d2_norms' mapper: a missing/unreadable image is an
+        (``d2_norms.engine.train_loader``), with d2_norms' mapper: a missing/unreadable image is an
         error that names the file (in worker processes too). Datasets are checked first."""
         from d2_norms.data import SafeDatasetMapper, check_datasets
 
-        from .data import SUPPORTED_SAMPLERS, build_resumable_train_loader
+        from .train_loader import SUPPORTED_SAMPLERS, build_resumable_train_loader
 
         check_datasets(cfg, deep=comm.is_main_process())
         mapper = SafeDatasetMapper(cfg, True)
