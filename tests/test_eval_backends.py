@@ -15,7 +15,8 @@ from d2_norms.evaluation.backends import (
     resolve_backend,
     summarize_precision,
 )
-from d2_norms.evaluation.synthetic_cases import make_coco_case
+
+from coco_cases import make_coco_case  # tests/coco_cases.py
 
 pytest.importorskip("faster_coco_eval")
 pytest.importorskip("pycocotools")

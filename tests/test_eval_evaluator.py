@@ -22,7 +22,8 @@ from d2_norms.evaluation.coco_evaluator import (
     RAW_PREDICTIONS_FILE,
     D2NormsCOCOEvaluator,
 )
-from d2_norms.evaluation.synthetic_cases import (
+
+from coco_cases import (  # tests/coco_cases.py
     make_coco_case,
     predictions_from_ground_truth,
     register_case,
@@ -190,7 +191,7 @@ def _distributed_worker(rank, world, port, json_file, out_file):
     import torch.distributed as dist
 
     import d2_norms  # noqa: F401
-    from d2_norms.evaluation.synthetic_cases import make_coco_case, register_case, to_instances
+    from coco_cases import make_coco_case, register_case, to_instances
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -13,6 +13,7 @@ agree (to 1e-4, 0-100 scale).
 """
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +26,12 @@ from detectron2.data import MetadataCatalog
 
 from d2_norms.evaluation import add_evaluation_config, build_evaluator
 from d2_norms.evaluation.backends import BACKENDS, COCO_METRICS, backend_available, metrics_close
-from d2_norms.evaluation.synthetic_cases import make_coco_case, register_case, to_instances
+
+# The generated COCO case is test-fixture code kept out of the package, in tests/coco_cases.py
+# (the backend equivalence tests use the same cases).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from coco_cases import make_coco_case, register_case, to_instances  # noqa: E402
 
 
 def parse_args(argv=None):

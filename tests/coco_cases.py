@@ -5,6 +5,9 @@ ranges (small / medium / large), a few crowd regions, and per image a fixed numb
 noisy copies of the ground truth (some with the wrong class) plus random false positives, with
 continuous scores. Objects are ellipses inscribed in their boxes, so masks and boxes differ and
 segm AP is not bbox AP. Everything is seeded and vectorised per image (5k x 100 in seconds).
+
+Test-fixture code, not part of the d2_norms package: the tests import it as ``coco_cases``
+(pytest puts ``tests/`` on ``sys.path``), ``tools/benchmark_eval.py`` adds ``tests/`` itself.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
