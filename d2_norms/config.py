@@ -20,6 +20,22 @@ def add_d2_norms_config(cfg: CN) -> CN:
     return cfg
 
 
+def meta_architecture_family(name: str) -> str:
+    """"RetinaNet" or "GeneralizedRCNN" for a META_ARCHITECTURE name that is (a subclass of)
+    one of them, e.g. d2_norms' "D2NormsRetinaNet"; otherwise the name itself (also for names
+    that are not registered, e.g. in the config of a run made with another plugin)."""
+    from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+
+    try:
+        cls = META_ARCH_REGISTRY.get(name)
+    except KeyError:
+        return name
+    for family in (RetinaNet, GeneralizedRCNN):
+        if isinstance(cls, type) and issubclass(cls, family):
+            return family.__name__
+    return name
+
+
 def get_dotted(node: Mapping, dotted: str, default: Any = None) -> Any:
     """``node["A"]["B"]["C"]`` for ``dotted = "A.B.C"``, or ``default`` where a level is missing
     or not a mapping."""

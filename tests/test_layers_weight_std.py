@@ -185,7 +185,7 @@ def test_nf_retinanet_head_keeps_no_weight_copies_per_level():
     grow with a standardized weight copy per level (the activations are the same as BN's)."""
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+    from d2_norms.modeling.heads import D2NormsRetinaNetHead
 
     def saved_bytes(norm):
         cfg = get_cfg()
@@ -193,7 +193,7 @@ def test_nf_retinanet_head_keeps_no_weight_copies_per_level():
         cfg.MODEL.RETINANET.NUM_CLASSES = 3
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128]]
         torch.manual_seed(0)
-        head = RetinaNetHead(cfg, [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32)])
+        head = D2NormsRetinaNetHead(cfg, [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32)])
         feats = [torch.randn(1, 64, s, s, requires_grad=True) for s in (8, 4, 2)]
         with SavedTensorMeter() as m:
             logits, deltas = head(feats)
@@ -216,14 +216,14 @@ def test_retinanet_head_standardizes_once_per_forward_with_same_results(monkeypa
     standardization, and the cache is gone after the forward."""
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+    from d2_norms.modeling.heads import D2NormsRetinaNetHead
 
     cfg = get_cfg()
     cfg.MODEL.RETINANET.NORM = "NF"
     cfg.MODEL.RETINANET.NUM_CLASSES = 3
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128]]
     torch.manual_seed(0)
-    head = RetinaNetHead(cfg, [ShapeSpec(channels=16, stride=s) for s in (8, 16, 32)]).double()
+    head = D2NormsRetinaNetHead(cfg, [ShapeSpec(channels=16, stride=s) for s in (8, 16, 32)]).double()
     assert getattr(head, "_d2n_shares_ws", False)
     convs = [m for m in head.modules() if isinstance(m, ScaledStdConv2d)]
     feats = [torch.randn(2, 16, s, s, dtype=torch.float64) for s in (8, 4, 2)]

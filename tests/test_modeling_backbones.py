@@ -57,14 +57,18 @@ def detector_cfg(tmp_path, detector, norm, depth=18, fpn_norm=None, head_norm=No
                 else "build_d2n_resnet_fpn_backbone")
     fpn_norm = _heads_norm(norm) if fpn_norm is None else fpn_norm
     head = _heads_norm(norm) if head_norm is None else head_norm
-    heads_yaml = (f"  RETINANET: {{NORM: \"{head}\", NUM_CLASSES: 3, NUM_CONVS: 2}}\n"
+    # d2_norms' registered heads, as the shipped configs select them (issue 11).
+    heads_yaml = ("  META_ARCHITECTURE: D2NormsRetinaNet\n"
+                  f"  RETINANET: {{NORM: \"{head}\", NUM_CLASSES: 3, NUM_CONVS: 2}}\n"
                   if detector == "retinanet" else
                   f"  MASK_ON: True\n"
                   f"  ROI_HEADS: {{NUM_CLASSES: 3, BATCH_SIZE_PER_IMAGE: 32}}\n"
-                  f"  ROI_BOX_HEAD: {{NORM: \"{head}\", NUM_CONV: 2, NUM_FC: 1, CONV_DIM: 32,"
-                  f" FC_DIM: 64}}\n"
-                  f"  ROI_MASK_HEAD: {{NORM: \"{head}\", NUM_CONV: 1, CONV_DIM: 32}}\n"
-                  f"  RPN: {{POST_NMS_TOPK_TRAIN: 64, PRE_NMS_TOPK_TRAIN: 200}}\n")
+                  f"  ROI_BOX_HEAD: {{NAME: D2NormsConvFCHead, NORM: \"{head}\", NUM_CONV: 2,"
+                  f" NUM_FC: 1, CONV_DIM: 32, FC_DIM: 64}}\n"
+                  f"  ROI_MASK_HEAD: {{NAME: D2NormsMaskHead, NORM: \"{head}\", NUM_CONV: 1,"
+                  f" CONV_DIM: 32}}\n"
+                  f"  RPN: {{HEAD_NAME: D2NormsRPNHead, POST_NMS_TOPK_TRAIN: 64,"
+                  f" PRE_NMS_TOPK_TRAIN: 200}}\n")
     text = (
         "MODEL:\n"
         "  DEVICE: cpu\n"
@@ -227,7 +231,7 @@ def test_gnws_uses_ws_convs_in_backbone_and_fpn(tmp_path):
 def test_nf_fpn_norm_gives_scaled_ws_and_no_norm_layers(tmp_path):
     backbone = build_backbone(detector_cfg(tmp_path, "retinanet", "NF", 18, fpn_norm="NF"))
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, L.FilterResponseNorm2d,
-             L.ChannelAffine, FrozenBatchNorm2d)
+             FrozenBatchNorm2d)
     assert not [n for n, m in backbone.named_modules() if isinstance(m, norms)]
     fpn_convs = [m for n, m in backbone.named_modules()
                  if n.startswith(("fpn_", "top_block.p")) and isinstance(m, nn.Conv2d)]

@@ -93,7 +93,7 @@ def test_convs_are_scaled_ws_with_activation_gain_and_no_normalizers(depth):
         # Gaussian underlying weights, variance 1 / fan_in (the paper's code).
         assert float(raw_var.mean()) == pytest.approx(1.0 / w.shape[1], rel=0.1)
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                  L.FilterResponseNorm2d, L.ChannelAffine)
+                  L.FilterResponseNorm2d)
     assert not [n for n, m in net.named_modules() if isinstance(m, norm_types)]
 
 

@@ -89,7 +89,14 @@ def test_matrix_config_loads_with_rule_values(name):
     assert cfg.MODEL.RESNETS.DEPTH == depth and cfg.MODEL.RESNETS.NORM == normalizer
     assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.SOLVER.WEIGHT_DECAY_NORM == 0.0
-    assert (cfg.MODEL.META_ARCHITECTURE == "RetinaNet") == (detector == "retinanet")
+    # Issue 11: d2_norms' registered components, built for the norm from the start.
+    if detector == "retinanet":
+        assert cfg.MODEL.META_ARCHITECTURE == "D2NormsRetinaNet"
+    else:
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+        assert (cfg.MODEL.RPN.HEAD_NAME, cfg.MODEL.ROI_BOX_HEAD.NAME,
+                cfg.MODEL.ROI_MASK_HEAD.NAME) == ("D2NormsRPNHead", "D2NormsConvFCHead",
+                                                  "D2NormsMaskHead")
     # Issue 13 item 4: Mask R-CNN trains single-scale 800 / max 1333 (GN Table 7's setting).
     if detector == "mask_rcnn":
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,) and cfg.INPUT.MAX_SIZE_TRAIN == 1333

@@ -80,7 +80,7 @@ def test_optimizer_clips_all_but_prediction_layers(meta):
 
     opts = ["MODEL.RESNETS.NORM", "NF", "MODEL.FPN.NORM", "NF", *AGC_OPTS]
     if meta == "RetinaNet":
-        opts += ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NORM", "NF",
+        opts += ["MODEL.META_ARCHITECTURE", "D2NormsRetinaNet", "MODEL.RETINANET.NORM", "NF",
                  "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.MASK_ON", "False",
                  "MODEL.BACKBONE.NAME", "build_d2n_retinanet_resnet_fpn_backbone",
                  "MODEL.ANCHOR_GENERATOR.SIZES", "[[8], [16], [32], [64], [128]]"]

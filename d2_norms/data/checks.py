@@ -202,7 +202,9 @@ def check_coco_json(json_file: str, image_root: str) -> Tuple[int, int, List[str
 
 def expected_num_classes(cfg) -> Optional[Tuple[str, int]]:
     """(config key, value) of the model's class count, or None for architectures without one."""
-    arch = cfg.MODEL.META_ARCHITECTURE
+    from d2_norms.config import meta_architecture_family
+
+    arch = meta_architecture_family(cfg.MODEL.META_ARCHITECTURE)
     if arch == "RetinaNet":
         return "MODEL.RETINANET.NUM_CLASSES", int(cfg.MODEL.RETINANET.NUM_CLASSES)
     if arch in ("GeneralizedRCNN", "PanopticFPN"):

@@ -20,7 +20,7 @@ import socket
 import sys
 from typing import Any, Dict, List, Mapping, Optional
 
-from d2_norms.config import get_dotted
+from d2_norms.config import get_dotted, meta_architecture_family
 from d2_norms.fileio import atomic_write_text
 
 from .backends import COCO_METRICS, IOU_TYPES
@@ -157,7 +157,7 @@ def describe_run(cfg: Mapping, world_size: Optional[int] = None) -> Dict[str, An
     ``cfg``: a detectron2 ``CfgNode`` or the dict of a dumped config.yaml. ``world_size``: the
     number of training processes when known (at run time); see :func:`images_per_gpu`.
     """
-    meta = get_dotted(cfg, "MODEL.META_ARCHITECTURE", "?")
+    meta = meta_architecture_family(get_dotted(cfg, "MODEL.META_ARCHITECTURE", "?"))
     mask_on = bool(get_dotted(cfg, "MODEL.MASK_ON", False))
     detector = {"RetinaNet": "RetinaNet",
                 "GeneralizedRCNN": "Mask R-CNN" if mask_on else "Faster R-CNN"}.get(meta, meta)

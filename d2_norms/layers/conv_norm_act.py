@@ -1,43 +1,53 @@
-"""Conv + norm + activation, built from one norm name resolved once.
+"""Conv + norm + activation, built from one norm name resolved once: the one composer.
 
 :func:`resolve_norm` turns a norm name (or ``""``/None, or a callable ``channels -> module``)
 into a :class:`ResolvedNorm`: the registry entry, the conv class the norm needs (plain, WS for
 GNWS, Scaled WS for NF) and the activation paired with it (ReLU, TLU for FRN, fused FRN+TLU
-where the registry offers it). Every module is then built from that one resolution.
+where the registry offers it). Every d2_norms component (ResNet, NF-ResNet stem widths aside,
+FPN, RPN / RetinaNet / box / mask heads) builds its layers from that one resolution; a
+component resolves its name once and passes the :class:`ResolvedNorm` on
+(``resolve_norm`` returns a ResolvedNorm unchanged).
 
-:meth:`ResolvedNorm.conv_norm_act` (and the shortcut :func:`conv_norm_act`) gives what
-detectron2's own components build: a detectron2 ``Conv2d`` (or a WS / Scaled WS subclass of it)
+:meth:`ResolvedNorm.conv_norm_act` (and the shortcut :func:`conv_norm_act`) gives the layout of
+detectron2's own components: a detectron2 ``Conv2d`` (or a WS / Scaled WS subclass of it)
 carrying ``.norm`` and ``.activation``, so parameter names are detectron2's (``conv1.weight``,
-``conv1.norm.weight``, ...). The options reproduce each of the layouts d2_norms builds today:
-
-* the ResNet layout (``modeling/_layers.conv_norm_act``): ``padding=0, bias=False`` (a Scaled WS
-  conv keeps its bias: ``bias=None``); a fused norm+activation goes to ``.norm`` alone;
-* ``layers.make_conv``: "same" padding, bias only when nothing after the conv shifts, and with
-  ``activation_in_norm=True`` the norm with its activation as one ``.norm`` module;
-* stock detectron2 heads after ``adapt_norms``: the defaults (fused FRN+TLU as ``.norm`` and no
-  ``.activation``; WS / Scaled WS conv; ReLU in ``.activation`` otherwise).
-
-For layouts that keep conv, norm and activation apart (RetinaNet's ``nn.Sequential`` subnets),
-:meth:`ResolvedNorm.conv`, :meth:`ResolvedNorm.norm` and :meth:`ResolvedNorm.activation` build
-the pieces. Scaled WS norms ("NF") build no norm module: the conv carries the affine gain and
-bias (NF sec. 4.4) and its gamma is the gain of the nonlinearity feeding it (``input_activation``;
-None for inputs that come from no nonlinearity, e.g. FPN features or the image).
+``conv1.norm.weight``, ...); a fused norm + activation (FRN + TLU) goes to ``.norm`` as one op.
+For layouts that keep conv, norm and activation apart (RetinaNet's ``nn.Sequential`` subnets,
+the activation after a residual addition), :meth:`ResolvedNorm.conv`, :meth:`ResolvedNorm.norm`,
+:meth:`ResolvedNorm.activation` and :meth:`ResolvedNorm.norm_with_activation` build the pieces.
+Scaled WS norms ("NF") build no norm module: the conv carries the affine gain and bias (NF sec.
+4.4) and its gamma is the gain of the nonlinearity feeding it (``input_activation``; None for
+inputs that come from no nonlinearity, e.g. FPN features or the image).
 """
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from torch import nn
 
-from .norm_registry import NormAct, NormSpec, UnknownNormError, get_norm, get_norm_spec
+from collections import OrderedDict
+
+from .norm_registry import NormSpec, UnknownNormError, get_norm, get_norm_spec
 from .weight_std import ScaledStdConv2d, WSConv2d, _BaseConv2d, _same_padding, activation_gain
 
-__all__ = ["ResolvedNorm", "resolve_norm", "conv_norm_act"]
+__all__ = ["NormAct", "ResolvedNorm", "resolve_norm", "conv_norm_act", "get_norm_act"]
 
 NormLike = Union[str, Callable[[int], Optional[nn.Module]], None]
 
 
 def _no_norm(channels):
     return None
+
+
+class NormAct(nn.Sequential):
+    """A norm followed by its activation (children ``norm`` and ``act``)."""
+
+    def __init__(self, norm: Optional[nn.Module], act: Optional[nn.Module]):
+        mods = OrderedDict()
+        if norm is not None:
+            mods["norm"] = norm
+        if act is not None:
+            mods["act"] = act
+        super().__init__(mods)
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,7 @@ class ResolvedNorm:
         ``fuse_act``: a norm with a fused activation (FRN + TLU) goes to ``conv.norm`` as one
         op and ``conv.activation`` stays None; False keeps them apart (FRN, then TLU).
         ``activation_in_norm``: ``conv.norm`` is the norm with its activation as one module
-        (``norm_with_activation``), as ``layers.make_conv(activation=True)`` builds it.
+        (``norm_with_activation``) (the RetinaNet subnets' norm slot).
         """
         act = None
         if self.conv_kind == "scaled_ws":
@@ -194,7 +204,10 @@ def resolve_norm(norm: NormLike) -> ResolvedNorm:
 
     Raises ``UnknownNormError`` (a ValueError listing the registered names) for a name neither
     the registry nor detectron2 knows, TypeError for anything but a name, callable or None.
+    A ResolvedNorm is returned as it is.
     """
+    if isinstance(norm, ResolvedNorm):
+        return norm
     if norm is None or norm == "":
         return ResolvedNorm(norm, None, "plain", _no_norm)
     if isinstance(norm, str):
@@ -214,3 +227,14 @@ def conv_norm_act(in_channels: int, out_channels: int, kernel_size, *, norm: Nor
                   **kwargs) -> nn.Module:
     """``resolve_norm(norm).conv_norm_act(...)``: one conv with its norm and activation."""
     return resolve_norm(norm).conv_norm_act(in_channels, out_channels, kernel_size, **kwargs)
+
+
+def get_norm_act(norm: NormLike, channels: int, apply_act: bool = True) -> nn.Module:
+    """The norm with its paired activation as one module (``apply_act=False``: the norm alone,
+    ``nn.Identity()`` without one): fused FRN + TLU, ``NormAct(norm, ReLU)``, ``nn.ReLU()`` for
+    ``""``. Scaled WS norms ("NF") have no norm module: their conv carries gain and bias."""
+    resolved = resolve_norm(norm)
+    if apply_act:
+        return resolved.norm_with_activation(channels)
+    module = resolved.norm(channels)
+    return module if module is not None else nn.Identity()

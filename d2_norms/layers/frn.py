@@ -411,6 +411,10 @@ class TLU(nn.Module):
     Training keeps only the output for backward (:class:`_TLUFunction`), like ReLU.
     """
 
+    # tau is a normalizer parameter: no weight decay with SOLVER.WEIGHT_DECAY_NORM 0 (the
+    # optimizer reads this declaration, d2_norms.solver.optimizer).
+    d2n_is_normalizer = True
+
     def __init__(self, num_features: int):
         super().__init__()
         self.num_features = num_features
@@ -442,6 +446,8 @@ class FilterResponseNorm2d(nn.Module):
     Parameters ``weight`` (gamma, init 1), ``bias`` (beta, init 0), ``tau`` (init 0, only with
     TLU) and ``eps_l`` (only with learned eps). Works on ``(N, C, *spatial)`` inputs.
     """
+
+    d2n_is_normalizer = True  # all of them are normalizer parameters (d2_norms.solver)
 
     def __init__(self, num_features: int, *, tlu: bool = True, eps: float = FRN_EPS,
                  learned_eps: bool = False, learned_eps_init: float = FRN_LEARNED_EPS_INIT):

@@ -313,6 +313,9 @@ class ScaledStdConv2d(_Conv2dBase):
     ``(out, 1, 1, 1)``, ``bias``.
     """
 
+    # NF App. B.1: the affine gain and bias are not weight-decayed (d2_norms.solver reads this).
+    d2n_norm_params = ("gain", "bias")
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None,
                  dilation=1, groups=1, bias=True, *, gamma: Union[float, str, Callable] = 1.0,
                  eps: float = WS_EPS, gain_init: float = 1.0, **kwargs):

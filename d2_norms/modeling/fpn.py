@@ -18,25 +18,24 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import (FPN, LastLevelMaxPool,
                                              _assert_strides_are_log2_contiguous)
 
-from d2_norms import layers as _L
-
-from . import _layers
-from .config import NF_NORM
+from d2_norms.layers.conv_norm_act import resolve_norm
 
 __all__ = ["NormFPN", "NormLastLevelP6P7", "fpn_conv"]
 
 
-def fpn_conv(norm: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+def fpn_conv(norm, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
              *, input_activation=None) -> nn.Module:
-    """One FPN conv with ``norm`` attached and no activation (the FPN is linear, as in d2).
+    """One FPN conv with ``norm`` (a name or a ResolvedNorm) attached and no activation (the
+    FPN is linear, as in detectron2).
 
-    The conv type follows the norm (``d2_norms.layers.make_conv``): plain conv (bias only
-    without a norm), WS conv for GNWS, Scaled WS with its own gain and bias for "NF" (gamma 1
-    for a linear input; ``input_activation`` names the nonlinearity feeding the conv, if any).
-    Weights start as detectron2's FPN (``c2_xavier_fill``).
+    The conv type follows the norm (the composer, ``d2_norms.layers.conv_norm_act``): plain
+    conv (bias only without a norm), WS conv for GNWS, Scaled WS with its own gain and bias for
+    "NF" (gamma 1 for a linear input; ``input_activation`` names the nonlinearity feeding the
+    conv, if any). Weights start as detectron2's FPN (``c2_xavier_fill``).
     """
-    conv = _L.make_conv(in_channels, out_channels, kernel_size, norm=norm, stride=stride,
-                        padding=kernel_size // 2, input_activation=input_activation)
+    conv = resolve_norm(norm).conv_norm_act(in_channels, out_channels, kernel_size,
+                                            stride=stride, padding=kernel_size // 2,
+                                            apply_act=False, input_activation=input_activation)
     weight_init.c2_xavier_fill(conv)
     return conv
 
@@ -53,9 +52,12 @@ class NormLastLevelP6P7(nn.Module):
         super().__init__()
         self.num_levels = 2
         self.in_feature = in_feature
-        conv_norm = NF_NORM if norm == NF_NORM else ""
+        resolved = resolve_norm(norm)
+        # Only the conv kind carries over: a Scaled WS norm (NF) makes these convs Scaled WS.
+        conv_norm = resolved if resolved.conv_kind == "scaled_ws" else ""
         self.p6 = fpn_conv(conv_norm, in_channels, out_channels, 3, stride=2)
-        self.act = _layers.norm_activation(norm, out_channels)
+        act = resolved.activation(out_channels)
+        self.act = nn.Identity() if act is None else act
         self.p7 = fpn_conv(conv_norm, out_channels, out_channels, 3, stride=2,
                            input_activation="relu")
 
@@ -92,10 +94,11 @@ class NormFPN(FPN):
         in_channels_per_feature = [input_shapes[f].channels for f in in_features]
         _assert_strides_are_log2_contiguous(strides)
 
+        resolved = resolve_norm(norm)  # once for every conv of the FPN
         lateral_convs, output_convs = [], []
         for idx, in_channels in enumerate(in_channels_per_feature):
-            lateral_conv = fpn_conv(norm, in_channels, out_channels, 1)
-            output_conv = fpn_conv(norm, out_channels, out_channels, 3)
+            lateral_conv = fpn_conv(resolved, in_channels, out_channels, 1)
+            output_conv = fpn_conv(resolved, out_channels, out_channels, 3)
             stage = int(math.log2(strides[idx]))
             self.add_module(f"fpn_lateral{stage}", lateral_conv)
             self.add_module(f"fpn_output{stage}", output_conv)

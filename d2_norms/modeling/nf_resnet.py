@@ -42,9 +42,7 @@ from torch.nn import functional as F
 from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling.backbone.resnet import ResNet
 
-from d2_norms.layers.weight_std import WS_EPS
-
-from . import _layers
+from d2_norms.layers.weight_std import WS_EPS, ScaledStdConv2d, activation_gain
 from .resnet import check_resnet_cfg, stage_specs
 
 __all__ = [
@@ -53,7 +51,27 @@ __all__ = [
     "NFStem",
     "nf_betas",
     "build_nf_resnet",
+    "nf_activation",
 ]
+
+_NF_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+}
+
+
+def nf_activation(name: str) -> nn.Module:
+    """The NF-ResNet nonlinearity ``name`` (its Scaled-WS gain comes from ``activation_gain``)."""
+    key = str(name).lower()
+    if key not in _NF_ACTIVATIONS:
+        raise ValueError(
+            f"MODEL.D2NORMS.NF.ACTIVATION={name!r} is not supported; use one of "
+            f"{sorted(_NF_ACTIVATIONS)}."
+        )
+    return _NF_ACTIVATIONS[key]()
 
 
 class _NFConvFactory:
@@ -63,16 +81,14 @@ class _NFConvFactory:
         self.scaled_ws = scaled_ws
         self.activation = activation
         self.eps = float(eps)
-        self.act_gain = _layers.activation_gain(activation) if scaled_ws else None
+        self.act_gain = float(activation_gain(activation)) if scaled_ws else None
 
     def __call__(self, in_ch, out_ch, kernel_size, *, stride=1, padding=0, dilation=1,
                  groups=1, after_activation=True):
         if self.scaled_ws:
             gain = self.act_gain if after_activation else 1.0
-            conv = _layers.scaled_ws_conv(
-                in_ch, out_ch, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, bias=True, gamma=gain,
-            )
+            conv = ScaledStdConv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding,
+                                   dilation=dilation, groups=groups, bias=True, gamma=gain)
             conv.eps = self.eps
             # Gaussian underlying weights (sec. 4.2), variance 1/fan_in as the paper's code;
             # the standardization makes the scale irrelevant to the forward pass.
@@ -91,6 +107,8 @@ class _NFBlockBase(CNNBlockBase):
     # Not adaptively clipped (d2_norms.solver.agc): a scalar starting at 0 would be capped at
     # lr * lambda * 1e-3 per step.
     d2n_agc_exclude_params = ("skip_gain",)
+    # SkipInit's scalar is a normalizer parameter (no weight decay; d2_norms.solver).
+    d2n_norm_params = ("skip_gain",)
 
     def __init__(self, in_channels, out_channels, stride, *, alpha, beta, activation,
                  skip_gain_init, transition=None, shortcut_avg_pool=False):
@@ -148,11 +166,11 @@ class NFBasicBlock(_NFBlockBase):
                          activation=activation, skip_gain_init=skip_gain_init,
                          transition=transition, shortcut_avg_pool=shortcut_avg_pool)
         conv = conv_factory or _NFConvFactory(True, activation)
-        self.act1 = _layers.nf_activation(activation)
+        self.act1 = nf_activation(activation)
         self.shortcut = (conv(in_channels, out_channels, 1, stride=self._shortcut_stride(stride))
                          if self.is_transition else None)
         self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.act2 = _layers.nf_activation(activation)
+        self.act2 = nf_activation(activation)
         self.conv2 = conv(out_channels, out_channels, 3, padding=1)
 
     def forward(self, x):
@@ -173,14 +191,14 @@ class NFBottleneckBlock(_NFBlockBase):
                          transition=transition, shortcut_avg_pool=shortcut_avg_pool)
         conv = conv_factory or _NFConvFactory(True, activation)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.act1 = _layers.nf_activation(activation)
+        self.act1 = nf_activation(activation)
         self.shortcut = (conv(in_channels, out_channels, 1, stride=self._shortcut_stride(stride))
                          if self.is_transition else None)
         self.conv1 = conv(in_channels, bottleneck_channels, 1, stride=stride_1x1)
-        self.act2 = _layers.nf_activation(activation)
+        self.act2 = nf_activation(activation)
         self.conv2 = conv(bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3,
                           padding=dilation, dilation=dilation, groups=num_groups)
-        self.act3 = _layers.nf_activation(activation)
+        self.act3 = nf_activation(activation)
         self.conv3 = conv(bottleneck_channels, out_channels, 1)
 
     def forward(self, x):
@@ -239,7 +257,7 @@ def build_nf_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     if not alpha > 0:
         raise ValueError(f"MODEL.D2NORMS.NF.ALPHA must be > 0 (paper: 0.2), got {nf.ALPHA}.")
     activation = str(nf.ACTIVATION).lower()
-    _layers.nf_activation(activation)  # fail early, with the list of known names
+    nf_activation(activation)  # fail early, with the list of known names
     # .get: configs made before these keys existed mean the default network.
     conv = _NFConvFactory(bool(nf.SCALED_WS), activation, eps=float(nf.get("WS_EPS", WS_EPS)))
     stem = NFStem(input_shape.channels, cfg.MODEL.RESNETS.STEM_OUT_CHANNELS, conv_factory=conv)

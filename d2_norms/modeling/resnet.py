@@ -1,9 +1,12 @@
 """Norm-aware ResNet-18/34/50/101/152 (post-activation, as detectron2's ResNet).
 
 Detectron2's blocks hard-code ``F.relu_`` after every norm and after the residual add, so FRN's
-TLU cannot replace ReLU there. Here every norm comes from the d2_norms registry together with
-its paired activation (BN/GN/GNWS -> ReLU, FRN -> TLU, "" -> ReLU only), including the
-activation after the residual add, and the conv type follows the norm (GNWS -> WS conv).
+TLU cannot replace ReLU there. Here every conv, norm and activation comes from the one composer
+(``d2_norms.layers.conv_norm_act``), the norm name resolved once per backbone: the paired
+activation (BN/GN/GNWS -> ReLU, FRN -> TLU, "" -> ReLU only) follows every norm and the residual
+add, and the conv type follows the norm (GNWS -> WS conv). Under FRN the activation after the
+add is TLU too, so an FRN ResNet runs no ReLU (timm's FRN ResNets keep ReLU there; see
+docs/backbones.md).
 
 Initialisation for training from scratch (GN paper sec. 4.1): He (MSRA) init for every conv,
 norm gamma 1 / beta 0 (tau 0 for TLU) as the layers define them, and optionally gamma 0 in each
@@ -13,16 +16,19 @@ The stages are put together by detectron2's own ``ResNet`` class, so ``OUT_FEATU
 ``FREEZE_AT`` (FrozenBN conversion, requires_grad off) and ``output_shape`` behave exactly as
 in detectron2.
 """
-from typing import List
+from typing import List, Optional, Union
 
 import fvcore.nn.weight_init as weight_init
+import torch
 from torch import nn
 from torch.nn import functional as F
 
 from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling.backbone.resnet import ResNet
 
-from . import _layers
+from d2_norms.layers.conv_norm_act import ResolvedNorm, resolve_norm
+
+NormArg = Union[str, ResolvedNorm]
 
 __all__ = [
     "NormBasicBlock",
@@ -47,21 +53,45 @@ def _he_init(conv: nn.Module) -> None:
     weight_init.c2_msra_fill(conv)
 
 
+def _norm_scale_parameter(conv: nn.Module) -> Optional[torch.Tensor]:
+    """The affine scale (gamma) of the norm a conv carries as ``conv.norm``, None if none."""
+    norm = getattr(conv, "norm", None)
+    if norm is None:
+        return None
+    for m in norm.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() == 1:
+            return w
+    return None
+
+
 def _zero_init_branch_end(conv: nn.Module) -> None:
     """Make the residual branch output 0 at init: gamma of its last norm, else the conv."""
-    scale = _layers.norm_scale_parameter(conv)
+    scale = _norm_scale_parameter(conv)
     if scale is not None:
         nn.init.zeros_(scale)
     else:  # norm "" has no gamma: zeroing the branch's last conv is the only way
         nn.init.zeros_(conv.weight)
 
 
-def _shortcut(in_channels, out_channels, stride, norm):
+def _conv(norm: ResolvedNorm, in_channels, out_channels, kernel_size, *, padding=0, **kwargs):
+    """detectron2's ResNet layout: no conv bias (the norm shifts; none either without a norm),
+    except Scaled WS convs, whose bias is the NF affine shift."""
+    return norm.conv_norm_act(in_channels, out_channels, kernel_size, padding=padding,
+                              bias=norm.conv_kind == "scaled_ws", **kwargs)
+
+
+def _activation(norm: ResolvedNorm, channels: int) -> nn.Module:
+    """The norm's paired activation on its own (after the residual add)."""
+    act = norm.activation(channels)
+    return nn.Identity() if act is None else act
+
+
+def _shortcut(in_channels, out_channels, stride, norm: ResolvedNorm):
     """Projection shortcut (1x1 conv + norm, no activation) when the shape changes."""
     if in_channels == out_channels and stride == 1:
         return None
-    conv = _layers.conv_norm_act(in_channels, out_channels, 1, norm=norm, stride=stride,
-                                 apply_act=False)
+    conv = _conv(norm, in_channels, out_channels, 1, stride=stride, apply_act=False)
     _he_init(conv)
     return conv
 
@@ -73,16 +103,16 @@ class NormBasicBlock(CNNBlockBase):
     norm's (``conv1.activation`` or the fused ``conv1.norm``, and ``act`` after the add).
     """
 
-    def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", zero_init_residual=False):
+    def __init__(self, in_channels, out_channels, *, stride=1, norm: NormArg = "BN",
+                 zero_init_residual=False):
         super().__init__(in_channels, out_channels, stride)
+        norm = resolve_norm(norm)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
-        self.conv1 = _layers.conv_norm_act(in_channels, out_channels, 3, norm=norm,
-                                           stride=stride, padding=1)
-        self.conv2 = _layers.conv_norm_act(out_channels, out_channels, 3, norm=norm, padding=1,
-                                           apply_act=False)
+        self.conv1 = _conv(norm, in_channels, out_channels, 3, stride=stride, padding=1)
+        self.conv2 = _conv(norm, out_channels, out_channels, 3, padding=1, apply_act=False)
         # Marks the end of the residual branch (before the add) for Signal Propagation Plots.
         self.branch_out = nn.Identity()
-        self.act = _layers.norm_activation(norm, out_channels)
+        self.act = _activation(norm, out_channels)
         for c in (self.conv1, self.conv2):
             _he_init(c)
         if zero_init_residual:
@@ -108,24 +138,22 @@ class NormBottleneckBlock(CNNBlockBase):
         bottleneck_channels,
         stride=1,
         num_groups=1,
-        norm="BN",
+        norm: NormArg = "BN",
         stride_in_1x1=False,
         dilation=1,
         zero_init_residual=False,
     ):
         super().__init__(in_channels, out_channels, stride)
+        norm = resolve_norm(norm)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         # MSRA's original models stride in the 1x1, fb.torch / Caffe2 ResNeXt in the 3x3.
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = _layers.conv_norm_act(in_channels, bottleneck_channels, 1, norm=norm,
-                                           stride=stride_1x1)
-        self.conv2 = _layers.conv_norm_act(bottleneck_channels, bottleneck_channels, 3,
-                                           norm=norm, stride=stride_3x3, padding=dilation,
-                                           dilation=dilation, groups=num_groups)
-        self.conv3 = _layers.conv_norm_act(bottleneck_channels, out_channels, 1, norm=norm,
-                                           apply_act=False)
+        self.conv1 = _conv(norm, in_channels, bottleneck_channels, 1, stride=stride_1x1)
+        self.conv2 = _conv(norm, bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3,
+                           padding=dilation, dilation=dilation, groups=num_groups)
+        self.conv3 = _conv(norm, bottleneck_channels, out_channels, 1, apply_act=False)
         self.branch_out = nn.Identity()
-        self.act = _layers.norm_activation(norm, out_channels)
+        self.act = _activation(norm, out_channels)
         for c in (self.conv1, self.conv2, self.conv3):
             _he_init(c)
         if zero_init_residual:
@@ -140,11 +168,11 @@ class NormBottleneckBlock(CNNBlockBase):
 class NormStem(CNNBlockBase):
     """7x7/2 conv with norm + paired activation, 3x3/2 max pool (detectron2's BasicStem)."""
 
-    def __init__(self, in_channels=3, out_channels=64, norm="BN"):
+    def __init__(self, in_channels=3, out_channels=64, norm: NormArg = "BN"):
         super().__init__(in_channels, out_channels, 4)
         self.in_channels = in_channels
-        self.conv1 = _layers.conv_norm_act(in_channels, out_channels, 7, norm=norm, stride=2,
-                                           padding=3, input_activation=None)
+        self.conv1 = _conv(resolve_norm(norm), in_channels, out_channels, 7, stride=2, padding=3,
+                           input_activation=None)
         _he_init(self.conv1)
 
     def forward(self, x):
@@ -222,7 +250,7 @@ def stage_specs(cfg) -> List[dict]:
 def build_norm_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     """Norm-aware ResNet from ``cfg.MODEL.RESNETS`` (any norm name of the d2_norms registry)."""
     check_resnet_cfg(cfg)
-    norm = cfg.MODEL.RESNETS.NORM
+    norm = resolve_norm(cfg.MODEL.RESNETS.NORM)  # once for the whole backbone
     zero_init = cfg.MODEL.D2NORMS.ZERO_INIT_RESIDUAL
     stem = NormStem(input_shape.channels, cfg.MODEL.RESNETS.STEM_OUT_CHANNELS, norm=norm)
     stages = []

@@ -1,11 +1,13 @@
 """SGD with no weight decay on normalizer parameters (GN paper sec. 4.2).
 
-Detectron2 v0.6 applies SOLVER.WEIGHT_DECAY_NORM only to parameters of its own norm classes;
-d2_norms' layers (FRN gamma/beta/tau/learned eps, GN/WS variants, Scaled WS gains, SkipInit
-scalars) would silently get the normal weight decay. Here a parameter is a "normalizer parameter"
-when its module is a normalization layer (torch's, detectron2's, d2_norms' FRN/TLU/affine, or
-any module with ``d2n_is_normalizer = True``), or when its module lists it in ``d2n_norm_params``
-(a tuple of parameter names; Scaled WS gains and biases and NF SkipInit scalars are listed here).
+Detectron2 applies SOLVER.WEIGHT_DECAY_NORM only to parameters of torch's norm classes;
+d2_norms' layers (FRN gamma/beta/tau/learned eps, Scaled WS gains and biases, SkipInit scalars)
+would silently get the normal weight decay. Here a parameter is a "normalizer parameter" when
+its module is one of torch's / detectron2's normalization layers (``TORCH_NORM_TYPES``; d2_norms'
+GroupNorm is torch's), or when the module declares it: ``d2n_is_normalizer = True`` (every
+parameter of the module: FRN, TLU) or ``d2n_norm_params`` (a tuple of parameter names: Scaled WS
+``gain`` and ``bias``, the NF blocks' ``skip_gain``). The declarations live on the layers; a
+third-party layer opts in the same way.
 
 NF paper App. B.1: the affine gain and bias of every Scaled WS conv are normalizer parameters
 ("we do not weight decay or otherwise regularize these weights"), so a Scaled WS conv's bias gets
@@ -41,30 +43,10 @@ except ImportError:  # detectron2 versions without it
     pass
 
 
-def _d2_norms_norm_types():
-    from d2_norms.layers import TLU, ChannelAffine, FilterResponseNorm2d
-
-    return (FilterResponseNorm2d, TLU, ChannelAffine)
-
-
-def _listed_norm_params(module: torch.nn.Module):
-    """Normalizer parameters of modules that also hold ordinary weights."""
-    from d2_norms.layers import ScaledStdConv2d
-    from d2_norms.modeling.nf_resnet import _NFBlockBase
-
-    listed = set(getattr(module, "d2n_norm_params", ()))
-    if isinstance(module, ScaledStdConv2d):
-        listed.add("gain")  # NF eq. 3 affine gain
-        listed.add("bias")  # NF App. B.1: the affine bias is not weight-decayed either
-    if isinstance(module, _NFBlockBase):
-        listed.add("skip_gain")  # SkipInit scalar
-    return listed
-
-
 def is_normalizer_module(module: torch.nn.Module) -> bool:
-    """Torch's / detectron2's / d2_norms' norm layers, or a module flagged
-    ``d2n_is_normalizer = True`` (how a third-party normalizer opts in)."""
-    return (isinstance(module, TORCH_NORM_TYPES + _d2_norms_norm_types())
+    """Torch's / detectron2's norm layers, or a module declaring ``d2n_is_normalizer = True``
+    (d2_norms' FRN and TLU; how a third-party normalizer opts in)."""
+    return (isinstance(module, TORCH_NORM_TYPES)
             or bool(getattr(module, "d2n_is_normalizer", False)))
 
 
@@ -72,7 +54,7 @@ def normalizer_parameter_names(model: torch.nn.Module) -> List[str]:
     """Qualified names of every normalizer parameter of ``model`` (see module docstring)."""
     names = []
     for module_name, module in model.named_modules():
-        listed = _listed_norm_params(module)
+        listed = set(getattr(module, "d2n_norm_params", ()))
         whole = is_normalizer_module(module)
         for param_name, _ in module.named_parameters(recurse=False):
             if whole or param_name in listed:
