@@ -39,8 +39,7 @@ def _reload(module):
     return torch.jit.load(buffer)
 
 
-_NORM_TYPES = (L.FilterResponseNorm2d, L.TLU, nn.GroupNorm, nn.modules.batchnorm._NormBase,
-               L.ChannelAffine)
+_NORM_TYPES = (L.FilterResponseNorm2d, L.TLU, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 def _randomize(module, norms_only=False):
@@ -70,10 +69,9 @@ LAYERS = {
     "GN_C4": lambda: L.GroupNorm(16, channels_per_group=4),
     "WSConv2d": lambda: L.WSConv2d(16, 16, 3),
     "ScaledStdConv2d": lambda: L.ScaledStdConv2d(16, 16, 3, gamma="relu"),
-    "NF affine": lambda: L.ChannelAffine(16),
-    "conv GNWS+ReLU": lambda: L.make_conv(16, 32, 3, norm="GNWS", activation=True),
-    "conv FRN+TLU": lambda: L.make_conv(16, 16, 3, norm="FRN", activation=True),
-    "conv NF": lambda: L.make_conv(16, 16, 3, norm="NF", activation=True),
+    "conv GNWS+ReLU": lambda: L.conv_norm_act(16, 32, 3, norm="GNWS", activation_in_norm=True),
+    "conv FRN+TLU": lambda: L.conv_norm_act(16, 16, 3, norm="FRN"),
+    "conv NF": lambda: L.conv_norm_act(16, 16, 3, norm="NF"),
     "NF basic block": lambda: NFBasicBlock(16, 32, stride=2, beta=1.1, skip_gain_init=0.5),
     "NF bottleneck": lambda: NFBottleneckBlock(16, 16, bottleneck_channels=8, beta=1.2,
                                                skip_gain_init=0.5),
@@ -126,8 +124,8 @@ def test_training_paths_unchanged_after_export():
 def test_fold_removes_standardization_and_sharing_hooks():
     from detectron2.layers import Conv2d
 
-    head = nn.Sequential(L.make_conv(8, 32, 3, norm="GNWS", activation=True),
-                         L.make_conv(32, 8, 3, norm="NF"))
+    head = nn.Sequential(L.conv_norm_act(8, 32, 3, norm="GNWS", activation_in_norm=True),
+                         L.conv_norm_act(32, 8, 3, norm="NF", apply_act=False))
     L.share_standardized_weights(head)
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
@@ -152,6 +150,7 @@ def detector_cfg(detector, norm):
     if detector == "retinanet":
         cfg.merge_from_file(os.path.join(REPO, "configs", "Base-RetinaNet.yaml"))
         cfg.MODEL.BACKBONE.NAME = "build_d2n_retinanet_resnet_fpn_backbone"
+        cfg.MODEL.META_ARCHITECTURE = "D2NormsRetinaNet"
         cfg.MODEL.RETINANET.merge_from_list(["NUM_CLASSES", 3, "NUM_CONVS", 2, "NORM", norm,
                                              "SCORE_THRESH_TEST", 0.0,
                                              "TOPK_CANDIDATES_TEST", 50])

@@ -134,16 +134,15 @@ def test_stock_model_is_the_same_with_and_without_d2_norms(built, config):
 
 
 def test_detectron2_get_norm_returns_detectron2_classes_for_its_names():
-    import d2_norms.layers.norm_registry as registry
+    import d2_norms.layers.detectron2_hook as hook
     from detectron2.layers import get_norm
     from detectron2.layers.batch_norm import FrozenBatchNorm2d, NaiveSyncBatchNorm
 
-    original = registry._original_get_norm()
-    assert get_norm is registry.detectron2_get_norm and original is not get_norm
+    original = hook._original()
+    assert get_norm is hook.detectron2_get_norm and original is not get_norm
     for name in ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN"):
         ours, theirs = get_norm(name, 64), original(name, 64)
         assert type(ours) is type(theirs), name
-        assert registry.norm_name_of(ours) is None  # unmarked: adapt_norms leaves it alone
     assert type(get_norm("GN", 64)) is nn.GroupNorm
     assert isinstance(get_norm("FrozenBN", 8), FrozenBatchNorm2d)
     assert isinstance(get_norm("naiveSyncBN", 8), NaiveSyncBatchNorm)

@@ -1,8 +1,9 @@
-"""Stock detectron2 models built from a config with every registered norm name.
+"""Stock detectron2 components and d2_norms' names (d2_norms/layers/detectron2_hook.py).
 
-RetinaNet and Mask R-CNN (R18-FPN, tiny images, CPU) run one training step per name; built
-models are walked to check that TLU replaced ReLU after FRN, and that GNWS/NF use WS/Scaled WS
-convs.
+Stock RetinaNet and Mask R-CNN (R18-FPN, tiny images, CPU) build and train with every name they
+honour (detectron2's own names and d2_norms' names that mean a plain conv, the norm and ReLU);
+every stock component refuses, when built, each name it would turn into another network, with a
+message naming the component, the key and the d2_norms component to use.
 """
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.layers import FilterResponseNorm2d, ScaledStdConv2d, WSConv2d
+from d2_norms.layers import GroupNorm, StockComponentNormError
+from d2_norms.layers.detectron2_hook import _detectron2_norm_names, _original
 
 torch.set_num_threads(1)
 
@@ -109,164 +111,85 @@ def train_step(model, batch):
     return losses
 
 
-ALL_NAMES = L.registered_norms() + [""]
+REFUSED = ["FRN", "FRN_LEPS", "GNWS", "GNWS_G16", "NF"]
+HONOURED = sorted(_detectron2_norm_names() - {"LN", "nnSyncBN"}) + ["", "GN_G16", "GN_C8",
+                                                                     "naiveSyncBN_N"]
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "mask_rcnn"])
-@pytest.mark.parametrize("norm", ALL_NAMES)
-def test_training_step_with_every_registered_name(arch, norm):
+@pytest.mark.parametrize("norm", HONOURED)
+def test_stock_components_train_with_names_they_honour(arch, norm):
+    import detectron2
+
+    if arch == "retinanet" and norm == "GN" and detectron2.__version__ == "0.6":
+        # detectron2 v0.6's RetinaNetHead builds GroupNorm(32, 1) to read the type: its own bug,
+        # unchanged by d2_norms (the import is neutral for detectron2's names).
+        pytest.skip("detectron2's own GN in its own RetinaNetHead")
     model = build(arch, norm)
     losses = train_step(model, make_batch())
     assert losses and all(torch.isfinite(v) for v in losses.values()), losses
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    if norm not in ("", "FrozenBN"):  # every stock norm field was honoured
-        names = {L.norm_name_of(m) for m in model.modules()}
-        types = {type(m) for m in model.modules()}
-        if norm == "NF":
-            assert ScaledStdConv2d in types
-        elif norm in L.norm_registry._detectron2_norm_names():
-            # detectron2's own names give detectron2's own layers (import d2_norms changes
-            # nothing for them): the stock heads hold what stock get_norm builds.
-            stock = type(L.norm_registry._original_get_norm()(norm, 32))
-            assert stock in types, f"no {stock.__name__} built for {norm!r}"
-        else:
-            assert norm in names, f"no layer built for {norm!r}"
+    types = {type(m) for m in model.modules()}
+    if norm.startswith("GN_"):  # d2_norms' names come from the registry
+        assert GroupNorm in types
+    elif norm and norm != "FrozenBN":  # detectron2's own names give detectron2's own layers
+        assert type(_original()(norm, 32)) in types, norm
 
 
-def _tlu_modules(model):
-    return [m for m in model.modules() if isinstance(m, FilterResponseNorm2d) and m.has_tlu]
+# (component, the key whose norm it builds, what the message must tell the user to use)
+STOCK = {
+    "resnet": ("detectron2's ResNet", "MODEL.RESNETS.NORM", "build_d2n_resnet_fpn_backbone"),
+    "fpn": ("detectron2's FPN", "MODEL.FPN.NORM", "build_d2n_resnet_fpn_backbone"),
+    "retinanet_head": ("detectron2's RetinaNetHead", "MODEL.RETINANET.NORM",
+                       "MODEL.META_ARCHITECTURE: D2NormsRetinaNet"),
+    "box_head": ("detectron2's FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NORM",
+                 "MODEL.ROI_BOX_HEAD.NAME: D2NormsConvFCHead"),
+    "mask_head": ("detectron2's MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NORM",
+                  "MODEL.ROI_MASK_HEAD.NAME: D2NormsMaskHead"),
+}
+WHY = {"FRN": "pairs with TLU", "FRN_LEPS": "pairs with TLU", "GNWS": "weight-standardized",
+       "GNWS_G16": "weight-standardized", "NF": "Scaled WS"}
 
 
-def _assert_no_relu_after_tlu(model):
-    """Walk every Sequential and detectron2 Conv2d: a TLU-carrying FRN is never followed by ReLU."""
-    for mod in model.modules():
-        if isinstance(mod, nn.Sequential):
-            children = list(mod.children())
-            for a, b in zip(children, children[1:]):
-                if isinstance(a, FilterResponseNorm2d) and a.has_tlu:
-                    assert not isinstance(b, nn.ReLU), mod
-        norm = getattr(mod, "norm", None)
-        if isinstance(norm, FilterResponseNorm2d) and norm.has_tlu:
-            act = getattr(mod, "activation", None)
-            assert act is None or not isinstance(act, nn.ReLU)
-        if isinstance(norm, FilterResponseNorm2d) and not norm.has_tlu:
-            # norms without TLU only where no activation follows directly (FPN, conv3,
-            # shortcuts, the last conv of a basic block)
-            assert getattr(mod, "activation", None) is None
+def _cfg_with_only(component, norm):
+    arch = "retinanet" if component == "retinanet_head" else "mask_rcnn"
+    cfg = make_cfg(arch, "")
+    key = STOCK[component][1]
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node = getattr(node, part)
+    setattr(node, key.split(".")[-1], norm)
+    return cfg
 
 
-@pytest.mark.parametrize("norm", ["FRN", "FRN_LEPS"])
-def test_tlu_replaces_relu_in_built_models(norm):
-    retina, mask = build("retinanet", norm), build("mask_rcnn", norm)
-    for model in (retina, mask):
-        _assert_no_relu_after_tlu(model)
-        stem = model.backbone.bottom_up.stem
-        assert stem.conv1.norm.has_tlu
-        block = model.backbone.bottom_up.res2[0]
-        assert block.conv1.norm.has_tlu and not block.conv2.norm.has_tlu
-        assert not model.backbone.fpn_lateral3.norm.has_tlu  # FPN convs have no activation
-    for sub in (retina.head.cls_subnet, retina.head.bbox_subnet):
-        assert len([m for m in sub if isinstance(m, FilterResponseNorm2d) and m.has_tlu]) == 2
-        assert not any(isinstance(m, nn.ReLU) for m in sub)
-    for conv in mask.roi_heads.box_head.conv_norm_relus + mask.roi_heads.mask_head.conv_norm_relus:
-        assert conv.norm.has_tlu and conv.activation is None
-    # the heads' plain lists and the modules are the same objects
-    assert mask.roi_heads.box_head.conv_norm_relus[0] is mask.roi_heads.box_head.conv1
+@pytest.mark.parametrize("norm", REFUSED)
+@pytest.mark.parametrize("component", sorted(STOCK))
+def test_stock_component_refuses_names_it_cannot_honour(component, norm):
+    from detectron2.modeling import build_model
+
+    what, key, use = STOCK[component]
+    with pytest.raises(StockComponentNormError) as info:
+        build_model(_cfg_with_only(component, norm))
+    msg = str(info.value)
+    assert msg.startswith(what), msg
+    assert f"{key}={norm!r}" in msg and use in msg and WHY[norm] in msg, msg
+    if norm == "NF" and component == "resnet":
+        assert "residual scaling" in msg  # not just the convs: the NF-ResNet
 
 
-def test_negative_tau_survives_in_stock_components():
-    """With tau < 0, a ReLU after TLU would zero the negative outputs: they must reach the
-    next layer."""
-    retina, mask = build("retinanet", "FRN"), build("mask_rcnn", "FRN")
-    for model in (retina, mask):
-        for m in _tlu_modules(model):
-            with torch.no_grad():
-                m.tau.fill_(-0.5)
-                m.bias.fill_(-3.0)  # push y below tau so that outputs sit at tau < 0
-    seen = {}
+def test_lazyconfig_stock_head_refuses_and_d2norms_head_honours():
+    from detectron2.config import LazyCall, instantiate
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-    def record(name):
-        def hook(module, inputs):
-            seen[name] = inputs[0].detach().min().item()
-        return hook
+    from d2_norms.modeling.heads import D2NormsRetinaNetHead
 
-    hooks = [
-        retina.head.cls_subnet[3].register_forward_pre_hook(record("retina head conv2")),
-        retina.head.cls_score.register_forward_pre_hook(record("retina cls_score")),
-        retina.backbone.bottom_up.res3[0].conv2.register_forward_pre_hook(record("block conv2")),
-        retina.backbone.bottom_up.res2[0].register_forward_pre_hook(record("after stem")),
-        mask.roi_heads.box_head.conv2.register_forward_pre_hook(record("box conv2")),
-        mask.roi_heads.box_head.flatten.register_forward_pre_hook(record("box flatten")),
-        mask.roi_heads.mask_head.mask_fcn2.register_forward_pre_hook(record("mask conv2")),
-        mask.roi_heads.mask_head.deconv.register_forward_pre_hook(record("mask deconv")),
-    ]
-    with torch.no_grad():
-        from detectron2.utils.events import EventStorage
-
-        with EventStorage(0):
-            retina(make_batch(1))
-            mask(make_batch(1))
-    for h in hooks:
-        h.remove()
-    # max-pool after the stem keeps the TLU floor at tau
-    for name, value in seen.items():
-        assert value < -0.1, f"{name}: min input {value} (a ReLU ran after TLU)"
-
-
-def test_stock_block_forward_matches_written_out_frn_resnet_block():
-    model = build("retinanet", "FRN")
-    block = model.backbone.bottom_up.res3[0]  # BasicBlock with a projection shortcut
-    x = torch.randn(1, 64, 16, 16)
-    c1, c2, sc = block.conv1, block.conv2, block.shortcut
-
-    def conv(c, t):
-        return nn.functional.conv2d(t, c.weight, c.bias, c.stride, c.padding)
-
-    def frn_ref(n, t):
-        out = L.frn_reference(t, n.weight, n.bias, n.tau)
-        return out
-
-    expected = torch.relu(frn_ref(c2.norm, conv(c2, frn_ref(c1.norm, conv(c1, x))))
-                          + frn_ref(sc.norm, conv(sc, x)))
-    with torch.no_grad():
-        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_gnws_and_nf_convs_in_stock_components():
-    gnws = build("mask_rcnn", "GNWS")
-    assert isinstance(gnws.backbone.bottom_up.stem.conv1, WSConv2d)
-    assert isinstance(gnws.backbone.bottom_up.res2[0].conv1, WSConv2d)
-    assert isinstance(gnws.backbone.fpn_lateral2, WSConv2d)
-    assert isinstance(gnws.roi_heads.box_head.conv1, WSConv2d)
-    assert gnws.roi_heads.box_head.conv_norm_relus[1] is gnws.roi_heads.box_head.conv2
-    assert isinstance(gnws.roi_heads.mask_head.mask_fcn1, WSConv2d)
-    assert not isinstance(gnws.roi_heads.mask_head.predictor, WSConv2d)
-    retina = build("retinanet", "GNWS")
-    assert sum(isinstance(m, WSConv2d) for m in retina.head.cls_subnet) == 2
-    assert not isinstance(retina.head.cls_score, WSConv2d)
-
-    nf = build("mask_rcnn", "NF")
-    box = nf.roi_heads.box_head
-    assert isinstance(box.conv1, ScaledStdConv2d) and box.conv1.norm is None
-    assert box.conv1.bias is not None  # the conv bias stock code drops when a norm is named
-    assert box.conv1.gamma == 1.0 and box.conv2.gamma == pytest.approx(L.RELU_GAIN)
-    assert isinstance(nf.backbone.fpn_output2, ScaledStdConv2d)
-
-
-def test_building_twice_is_idempotent():
-    model = build("retinanet", "FRN")
-    before = repr(model)
-    L.adapt_norms(model)
-    assert repr(model) == before
-
-
-def test_adapt_norms_on_a_custom_model_keeps_trained_parameters():
-    norm = L.get_norm("FRN", 8)
-    with torch.no_grad():
-        norm.weight.fill_(2.0)
-        norm.bias.fill_(-1.0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Conv2d(8, 4, 1))
-    L.adapt_norms(model)
-    assert isinstance(model[2], nn.Identity) and model[1].has_tlu
-    assert torch.all(model[1].weight == 2.0) and torch.all(model[1].bias == -1.0)
+    kwargs = dict(input_shape=[ShapeSpec(channels=32)], num_classes=2, num_anchors=1,
+                  conv_dims=[32, 32], norm="FRN")
+    with pytest.raises(StockComponentNormError, match="D2NormsRetinaNet"):
+        instantiate(LazyCall(RetinaNetHead)(**kwargs))
+    head = instantiate(LazyCall(D2NormsRetinaNetHead)(**kwargs))
+    assert [type(m) for m in head.cls_subnet].count(nn.ReLU) == 0
+    frns = [m for m in head.cls_subnet if isinstance(m, L.FilterResponseNorm2d)]
+    assert len(frns) == 2 and all(m.has_tlu for m in frns)

@@ -1,4 +1,5 @@
-"""The norm registry: names, errors, third-party registration, make_conv, detectron2 patching."""
+"""The norm registry (names, errors, third-party registration), the composer's conv kinds, and
+the get_norm hook's installation in detectron2."""
 import sys
 
 import pytest
@@ -7,8 +8,10 @@ from torch import nn
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.layers import (FilterResponseNorm2d, GroupNorm, ScaledStdConv2d, WSConv2d,
-                             get_norm, get_norm_act, make_conv, register_norm, registered_norms)
+from d2_norms.layers import (FilterResponseNorm2d, GroupNorm, ScaledStdConv2d,
+                             StockComponentNormError, WSConv2d, conv_norm_act, get_norm,
+                             get_norm_act, register_norm, registered_norms)
+from d2_norms.layers import detectron2_hook
 
 torch.set_num_threads(1)
 
@@ -33,7 +36,7 @@ def test_builtin_names_build_expected_modules():
     frn = get_norm("FRN", 8)
     assert isinstance(frn, FilterResponseNorm2d) and not frn.has_tlu and not frn.learned_eps
     assert get_norm("FRN_LEPS", 8).learned_eps
-    assert isinstance(get_norm("NF", 8), L.ChannelAffine)
+    assert get_norm("NF", 8) is None  # no activation normalization: the conv has gain and bias
     assert isinstance(get_norm(lambda c: nn.LayerNorm(c), 5), nn.LayerNorm)
     for name in ("BN", "SyncBN", "FrozenBN", "GN", "GNWS", "FRN", "NF"):
         assert name in registered_norms()
@@ -88,19 +91,25 @@ def test_third_party_registration_and_duplicates():
         pair = get_norm_act("TestMyNorm", 4)
         assert isinstance(pair.norm, MyNorm) and isinstance(pair.act, nn.SiLU)
         assert L.norm_uses_weight_standardization("TestMyNorm")
-        assert isinstance(make_conv(4, 4, 3, norm="TestMyNorm"), WSConv2d)
+        assert isinstance(conv_norm_act(4, 4, 3, norm="TestMyNorm"), WSConv2d)
         with pytest.raises(ValueError, match="already registered"):
             register_norm("TestMyNorm")(my_norm)
-        # stock detectron2 components honour it, with the registered activation and conv
+        # d2_norms' components build it with the registered activation and conv ...
         from detectron2.layers import ShapeSpec
         from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-        head = RetinaNetHead(input_shape=[ShapeSpec(channels=8)], num_classes=2, num_anchors=1,
-                             conv_dims=[8, 8], norm="TestMyNorm")
+        from d2_norms.modeling.heads import D2NormsRetinaNetHead
+
+        kwargs = dict(input_shape=[ShapeSpec(channels=8)], num_classes=2, num_anchors=1,
+                      conv_dims=[8, 8], norm="TestMyNorm")
+        head = D2NormsRetinaNetHead(**kwargs)
         kinds = [type(m) for m in head.cls_subnet.modules()]
         assert kinds.count(nn.SiLU) == 2 and nn.ReLU not in kinds and kinds.count(WSConv2d) == 2
         assert kinds.count(MyNorm) == 2
         head([torch.randn(1, 8, 6, 6)])
+        # ... and stock components, which would put ReLU after plain convs, refuse it
+        with pytest.raises(StockComponentNormError, match="TestMyNorm"):
+            RetinaNetHead(**kwargs)
     finally:
         L.unregister_norm("TestMyNorm")
     with pytest.raises(L.UnknownNormError):
@@ -111,7 +120,7 @@ def test_third_party_registration_and_duplicates():
         register_norm("")
 
 
-def test_conv_kinds_and_make_conv():
+def test_conv_kinds_and_conv_norm_act():
     assert L.norm_uses_weight_standardization("GNWS")
     assert L.norm_uses_weight_standardization("GNWS_G16")
     assert not L.norm_uses_weight_standardization("GN")
@@ -119,18 +128,18 @@ def test_conv_kinds_and_make_conv():
     assert L.norm_conv_kind("NF") == "scaled_ws" and L.norm_conv_kind("") == "plain"
     from detectron2.layers import Conv2d
 
-    plain = make_conv(8, 32, 3, norm="GN", stride=2)
+    plain = conv_norm_act(8, 32, 3, norm="GN", stride=2, apply_act=False)
     assert type(plain) is Conv2d and plain.bias is None and isinstance(plain.norm, GroupNorm)
     assert plain.padding == (1, 1) and plain.stride == (2, 2)
-    ws = make_conv(8, 32, 3, norm="GNWS", activation=True)
+    ws = conv_norm_act(8, 32, 3, norm="GNWS", activation_in_norm=True)
     assert isinstance(ws, WSConv2d) and isinstance(ws.norm.act, nn.ReLU)
-    frn = make_conv(8, 32, 3, norm="FRN", activation=True)
+    frn = conv_norm_act(8, 32, 3, norm="FRN")
     assert frn.norm.has_tlu and frn.activation is None
-    nf = make_conv(8, 32, 3, norm="NF", activation=True)
+    nf = conv_norm_act(8, 32, 3, norm="NF")
     assert isinstance(nf, ScaledStdConv2d) and nf.norm is None and nf.bias is not None
     assert nf.gamma == pytest.approx(L.RELU_GAIN)
-    assert make_conv(3, 32, 7, norm="NF", input_activation=None).gamma == 1.0
-    bare = make_conv(8, 32, 1, norm="")
+    assert conv_norm_act(3, 32, 7, norm="NF", input_activation=None).gamma == 1.0
+    bare = conv_norm_act(8, 32, 1, norm="", apply_act=False)
     assert bare.bias is not None and bare.norm is None
     x = torch.randn(1, 8, 10, 10)
     for conv in (plain, ws, frn, nf, bare):
@@ -141,27 +150,27 @@ def test_detectron2_get_norm_replaced_everywhere():
     import detectron2.layers
     import detectron2.layers.batch_norm
 
-    hook = L.norm_registry.detectron2_get_norm
+    hook = detectron2_hook.detectron2_get_norm
     assert detectron2.layers.get_norm is hook
     assert detectron2.layers.batch_norm.get_norm is hook
     from detectron2.layers import get_norm as late_import  # what later imports see
 
     assert late_import is hook
-    original = L.norm_registry._PATCH_STATE["original"]
-    bound = []
+    original = detectron2_hook._original()
+    bound = {}
     for name, mod in list(sys.modules.items()):
         if name.startswith("detectron2") and mod is not None:
             fn = getattr(mod, "get_norm", None)
             assert fn is not original, f"{name} still binds detectron2's original get_norm"
             if fn is not None:
-                bound.append(name)
-    for name in ("detectron2.layers.blocks", "detectron2.modeling.backbone.fpn",
-                 "detectron2.modeling.backbone.resnet", "detectron2.modeling.roi_heads.box_head",
-                 "detectron2.modeling.roi_heads.mask_head",
-                 "detectron2.modeling.meta_arch.semantic_seg",
-                 "detectron2.modeling.meta_arch.retinanet"):
-        assert name in bound
-    assert L.patch_detectron2() is True  # idempotent
+                bound[name] = fn
+    for name in ("detectron2.layers.blocks", "detectron2.modeling.meta_arch.semantic_seg"):
+        assert bound[name] is hook
+    # the modules of the components the error messages name get a hook naming them
+    for name, component in detectron2_hook.STOCK_COMPONENTS.items():
+        assert isinstance(bound[name], detectron2_hook.StockGetNorm)
+        assert bound[name].component is component
+    assert L.install_get_norm_hook() is True  # idempotent
 
 
 def test_names_unknown_to_registry_fall_back_to_detectron2(monkeypatch):
@@ -171,20 +180,26 @@ def test_names_unknown_to_registry_fall_back_to_detectron2(monkeypatch):
             return nn.GroupNorm(1, channels)
         raise KeyError(norm)
 
-    monkeypatch.setitem(L.norm_registry._PATCH_STATE, "original", newer_get_norm)
+    monkeypatch.setitem(detectron2_hook._STATE, "original", newer_get_norm)
+    monkeypatch.setitem(detectron2_hook._STATE, "names", frozenset({"LN"}))
     assert isinstance(get_norm("LN", 8), nn.GroupNorm)
+    assert isinstance(detectron2_hook.detectron2_get_norm("LN", 8), nn.GroupNorm)
     with pytest.raises(L.UnknownNormError):
         get_norm("NoSuchNorm", 8)
+    with pytest.raises(L.UnknownNormError, match="a stock detectron2 component"):
+        detectron2_hook.detectron2_get_norm("NoSuchNorm", 8)
 
 
-def test_retinanet_head_type_probe_trap():
-    """v0.6 RetinaNetHead calls get_norm(norm, 1) only to read the type: GN(32, 1) must not fail."""
+def test_retinanet_head_type_probe():
+    """v0.6 RetinaNetHead calls get_norm(norm, 1) only to read the type: GN(32, 1) must not
+    fail for the GN variants a stock head honours."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-    for name in registered_norms() + ["GN_C16", "GNWS_G8"]:
+    for name in ("GN_C16", "GN_G8", "GN_G32_FALLBACK"):
         head = RetinaNetHead(input_shape=[ShapeSpec(channels=64)] * 2, num_classes=3,
                              num_anchors=2, conv_dims=[64, 64], norm=name)
+        assert sum(isinstance(m, GroupNorm) for m in head.cls_subnet) == 2
         logits, _ = head([torch.randn(1, 64, 8, 8), torch.randn(1, 64, 4, 4)])
         assert torch.isfinite(logits[0]).all(), name
     # a real layer whose width G does not divide still reports the width and G ("GN" itself
@@ -192,23 +207,9 @@ def test_retinanet_head_type_probe_trap():
     with pytest.raises(L.GroupNormDivisibilityError, match=r"48 channels.*G=32"):
         RetinaNetHead(input_shape=[ShapeSpec(channels=48)], num_classes=3, num_anchors=2,
                       conv_dims=[48], norm="GN_G32")
-    # ... and so does get_norm(norm, 1) outside of the probe
-    from detectron2.modeling.meta_arch import retinanet
-
+    # only RetinaNet's binding treats width 1 as the type probe
     with pytest.raises(L.GroupNormDivisibilityError, match="1 channels"):
-        retinanet.get_norm("GN_G32", 1)
-
-
-def test_lazyconfig_instantiation_honours_names():
-    from detectron2.config import LazyCall, instantiate
-    from detectron2.layers import ShapeSpec
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-
-    cfg = LazyCall(RetinaNetHead)(input_shape=[ShapeSpec(channels=32)], num_classes=2,
-                                  num_anchors=1, conv_dims=[32, 32], norm="FRN")
-    head = instantiate(cfg)
-    assert [type(m) for m in head.cls_subnet].count(nn.ReLU) == 0
-    assert all(m.has_tlu for m in head.cls_subnet if isinstance(m, FilterResponseNorm2d))
+        detectron2_hook.detectron2_get_norm("GN_G32", 1)
 
 
 def test_syncbn_cpu_single_process_behaves_like_bn():
@@ -272,12 +273,17 @@ def test_patch_reaches_modules_imported_before_d2_norms():
         "project.get_norm = original\n"
         "sys.modules['some_d2_project'] = project\n"
         "import d2_norms, d2_norms.layers as L\n"
-        "assert project.get_norm is L.norm_registry.detectron2_get_norm\n"
+        "hook = L.detectron2_hook.detectron2_get_norm\n"
+        "assert project.get_norm is hook\n"
         "from detectron2.modeling.meta_arch import semantic_seg\n"
-        "assert semantic_seg.get_norm is L.norm_registry.detectron2_get_norm\n"
-        "print(type(project.get_norm('FRN', 8)).__name__)\n"
+        "assert semantic_seg.get_norm is hook\n"
+        "print(type(project.get_norm('GN_G8', 8)).__name__)\n"
+        "try:\n"
+        "    project.get_norm('FRN', 8)\n"
+        "except L.StockComponentNormError as e:\n"
+        "    print('refused')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("FilterResponseNorm2d")
+    assert out.stdout.split()[-2:] == ["GroupNorm", "refused"]
