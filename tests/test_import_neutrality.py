@@ -149,12 +149,14 @@ def test_detectron2_get_norm_returns_detectron2_classes_for_its_names():
     assert get_norm("", 8) is None and get_norm(None, 8) is None
     ln = get_norm(lambda c: nn.LayerNorm(c), 5)
     assert type(ln) is nn.LayerNorm
-    # d2_norms' names still reach stock components
-    from d2_norms.layers import FilterResponseNorm2d, GroupNorm
+    # d2_norms' names reach stock components where they mean the same network there ...
+    from d2_norms.layers import GroupNorm, StockComponentNormError
 
-    assert isinstance(get_norm("FRN", 8), FilterResponseNorm2d)
-    assert type(get_norm("GNWS", 64)) is GroupNorm
-    assert registry.norm_name_of(get_norm("GNWS", 64)) == "GNWS"
+    assert type(get_norm("GN_G16", 64)) is GroupNorm and get_norm("GN_G16", 64).num_groups == 16
+    # ... and are refused where a stock component would build another one
+    for name in ("FRN", "GNWS", "NF"):
+        with pytest.raises(StockComponentNormError):
+            get_norm(name, 64)
 
 
 def test_stock_fpn_with_gn_scripts_after_import(stock_configs_dir):
