@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 
 import pytest
 
@@ -10,7 +9,8 @@ import d2_norms  # noqa: F401
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 
-from d2_norms.evaluation import add_evaluation_config, build_evaluator
+from d2_norms.config import add_d2_norms_config
+from d2_norms.evaluation import build_evaluator
 from d2_norms.evaluation.backends import (
     BACKENDS,
     COCO_METRICS,
@@ -36,7 +36,7 @@ ATOL = 1e-4
 
 def _cfg(mask_on=True, backend="auto", dump=False):
     cfg = get_cfg()
-    add_evaluation_config(cfg)
+    add_d2_norms_config(cfg)
     cfg.MODEL.MASK_ON = mask_on
     cfg.D2NORMS.EVAL.BACKEND = backend
     cfg.D2NORMS.EVAL.DUMP_PREDICTIONS = dump  # only where a test asks (into its tmp_path)
@@ -144,14 +144,14 @@ def test_box_only_model_and_prediction_dump(generated, tmp_path):
 def test_config_selects_backend_and_is_idempotent(generated):
     _, name = generated
     cfg = _cfg(backend="pycocotools")
-    add_evaluation_config(cfg)  # second call keeps the user's value
+    add_d2_norms_config(cfg)  # second call keeps the user's value
     assert cfg.D2NORMS.EVAL.BACKEND == "pycocotools"
     assert build_evaluator(cfg, name).backend == "pycocotools"
     assert build_evaluator(_cfg(), name).backend == "faster_coco_eval"
     frozen = get_cfg()
     frozen.freeze()
     with pytest.raises(RuntimeError, match="frozen"):
-        add_evaluation_config(frozen)
+        add_d2_norms_config(frozen)
 
 
 def test_clear_errors(generated):
@@ -178,12 +178,6 @@ def test_clear_errors(generated):
     cfg.D2NORMS.EVAL.BACKEND = "fast_c"
     with pytest.raises(ValueError, match="D2NORMS.EVAL.BACKEND"):
         build_evaluator(cfg, name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _distributed_worker(rank, world, port, json_file, out_file):
@@ -219,13 +213,13 @@ def _distributed_worker(rank, world, port, json_file, out_file):
 
 
 @pytest.mark.slow
-def test_distributed_gather_equals_single_process(generated, tmp_path):
+def test_distributed_gather_equals_single_process(generated, tmp_path, free_port):
     import torch.multiprocessing as mp
 
     case, name = generated
     single = _run(build_evaluator(_cfg(), name), case, name)
     out_file = str(tmp_path / "dist.json")
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path / "gt.json"), out_file),
+    mp.spawn(_distributed_worker, args=(2, free_port(), str(tmp_path / "gt.json"), out_file),
              nprocs=2, join=True)
     with open(out_file) as f:
         dist_results = json.load(f)

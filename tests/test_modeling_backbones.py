@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import d2_norms  # noqa: F401  (shims)
 import d2_norms.layers as L
+from d2_norms.config import add_d2_norms_config
 from d2_norms.modeling import (NFBasicBlock, NFBottleneckBlock, NormBasicBlock,
-                               NormBottleneckBlock, NormFPN, add_backbone_config,
-                               build_d2n_resnet_backbone)
+                               NormBottleneckBlock, NormFPN, build_d2n_resnet_backbone)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
@@ -50,7 +50,7 @@ def detector_cfg(tmp_path, detector, norm, depth=18, fpn_norm=None, head_norm=No
                  extra_yaml=""):
     """A detectron2 cfg built the way users do: repo base YAML + a d2_norms YAML file."""
     cfg = get_cfg()
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     base = "Base-RetinaNet.yaml" if detector == "retinanet" else "Base-RCNN-FPN.yaml"
     cfg.merge_from_file(os.path.join(REPO, "configs", base))
     backbone = ("build_d2n_retinanet_resnet_fpn_backbone" if detector == "retinanet"
@@ -248,7 +248,7 @@ def test_nf_fpn_norm_gives_scaled_ws_and_no_norm_layers(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def _plain_cfg(norm, depth=50, **resnets):
     cfg = get_cfg()
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.NORM = norm
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
@@ -386,16 +386,16 @@ def test_bad_config_errors(change, match):
 def test_missing_d2norms_keys_error():
     cfg = get_cfg()
     cfg.MODEL.BACKBONE.NAME = "build_d2n_resnet_backbone"
-    with pytest.raises(KeyError, match="add_backbone_config"):
+    with pytest.raises(KeyError, match="add_d2_norms_config"):
         build_backbone(cfg)
 
 
-def test_add_backbone_config_keeps_merged_values():
+def test_add_d2_norms_config_keeps_merged_values():
     cfg = get_cfg()
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     cfg.MODEL.D2NORMS.NF.ALPHA = 0.5
     cfg.MODEL.D2NORMS.ZERO_INIT_RESIDUAL = True
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     assert cfg.MODEL.D2NORMS.NF.ALPHA == 0.5 and cfg.MODEL.D2NORMS.ZERO_INIT_RESIDUAL
 
 

@@ -8,8 +8,8 @@ from torch import nn
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.modeling import (NFBasicBlock, NFBottleneckBlock, add_backbone_config,
-                               build_d2n_resnet_backbone, nf_betas)
+from d2_norms.config import add_d2_norms_config
+from d2_norms.modeling import NFBasicBlock, NFBottleneckBlock, build_d2n_resnet_backbone, nf_betas
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
@@ -17,17 +17,12 @@ from detectron2.layers import ShapeSpec
 RELU_GAIN = 1.0 / math.sqrt(0.5 * (1.0 - 1.0 / math.pi))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def nf_cfg(depth=50, **nf):
     cfg = get_cfg()
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.NORM = "NF"
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256

@@ -9,7 +9,8 @@ import torch
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.modeling import NFBasicBlock, NormBasicBlock, NormFPN, add_backbone_config
+from d2_norms.config import add_d2_norms_config
+from d2_norms.modeling import NFBasicBlock, NormBasicBlock, NormFPN
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import SimpleTrainer, hooks
@@ -40,7 +41,7 @@ def _setup():
 
 def train_cfg(detector, norm):
     cfg = get_cfg()
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     base = "Base-RetinaNet.yaml" if detector == "retinanet" else "Base-RCNN-FPN.yaml"
     cfg.merge_from_file(os.path.join(REPO, "configs", base))
     # NF models: Scaled-WS convs (no activation normalization) in the FPN and heads too. With

@@ -5,7 +5,6 @@ Networks are half-width ResNet-50s (res2 = 128 channels) fed 4 N(0,1) images of 
 statistics are averages over >= 128 channels and >= 256 positions, and res5 is 8x8.
 """
 import csv
-import importlib.util
 import os
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import d2_norms  # noqa: F401
-from d2_norms.modeling import add_backbone_config
+from d2_norms.config import add_d2_norms_config
 from d2_norms.modeling.spp import (channel_stats, residual_blocks, signal_propagation,
                                    spp_from_config)
 from detectron2.config import get_cfg
@@ -26,17 +25,12 @@ ALPHA = 0.2
 BATCH, SIZE = 4, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def nf_cfg(**nf):
     cfg = get_cfg()
-    add_backbone_config(cfg)
+    add_d2_norms_config(cfg)
     cfg.MODEL.BACKBONE.NAME = "build_d2n_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     r = cfg.MODEL.RESNETS
@@ -178,15 +172,8 @@ def test_spp_on_stock_detectron2_resnet_leaves_state_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("spp_tool", os.path.join(REPO, "tools", "spp.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_spp_tool_writes_png_and_csv_for_several_configs(tmp_path):
-    tool = _load_tool()
+def test_spp_tool_writes_png_and_csv_for_several_configs(tmp_path, load_tool):
+    tool = load_tool("spp")
     configs = [os.path.join(REPO, "configs", "spp", n) for n in ("nf_r50.yaml", "gn_r50.yaml")]
     out = tmp_path / "spp.png"
     small = ["MODEL.RESNETS.WIDTH_PER_GROUP", "32", "MODEL.RESNETS.RES2_OUT_CHANNELS", "128",
@@ -208,8 +195,8 @@ def test_spp_tool_writes_png_and_csv_for_several_configs(tmp_path):
             assert float(row[key]) == pytest.approx(getattr(rec, key), rel=1e-9)
 
 
-def test_spp_tool_argument_errors(tmp_path):
-    tool = _load_tool()
+def test_spp_tool_argument_errors(tmp_path, load_tool):
+    tool = load_tool("spp")
     nf = os.path.join(REPO, "configs", "spp", "nf_r50.yaml")
     with pytest.raises(SystemExit):
         tool.main(["--config-file", nf, "--labels", "a", "b", "--output", str(tmp_path / "x.png")])

@@ -24,7 +24,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 
-from d2_norms.evaluation import add_evaluation_config, build_evaluator
+from d2_norms.config import add_d2_norms_config
+from d2_norms.evaluation import build_evaluator
 from d2_norms.evaluation.backends import BACKENDS, COCO_METRICS, backend_available, metrics_close
 
 # The generated COCO case is test-fixture code kept out of the package, in tests/coco_cases.py
@@ -55,7 +56,7 @@ def parse_args(argv=None):
 
 def run_backend(backend: str, case, dataset: str, tasks, outputs):
     cfg = get_cfg()
-    add_evaluation_config(cfg)
+    add_d2_norms_config(cfg)
     cfg.MODEL.MASK_ON = "segm" in tasks
     cfg.D2NORMS.EVAL.BACKEND = backend
     cfg.D2NORMS.EVAL.DUMP_PREDICTIONS = False

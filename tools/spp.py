@@ -16,7 +16,7 @@ import sys
 import torch
 
 import d2_norms  # noqa: F401  (shims)
-from d2_norms.modeling import add_backbone_config
+from d2_norms.config import add_d2_norms_config
 from d2_norms.modeling.spp import plot_spp, spp_from_config, write_spp_csv
 
 
@@ -59,10 +59,6 @@ def parse_args(argv=None):
 def load_cfg(path, opts):
     from detectron2.config import get_cfg
 
-    try:
-        from d2_norms.config import add_d2_norms_config
-    except ImportError:  # only the backbone keys are needed here
-        add_d2_norms_config = add_backbone_config
     cfg = get_cfg()
     add_d2_norms_config(cfg)
     cfg.merge_from_file(path)

@@ -4,6 +4,8 @@ plain message (no traceback): mistakes in the config, the data or the weights, n
 import difflib
 from typing import Iterable, List, Mapping, Optional
 
+from d2_norms.config import NORM_KEYS as _NORM_KEYS
+
 
 class ConfigKeyError(KeyError):
     """A config file or command-line option names a key the config does not have."""
@@ -54,8 +56,6 @@ def user_error_types() -> tuple:
 # ------------------------------------------------------------------------------------------------
 # Remedies for a diverged run, shared by both non-finite errors.
 # ------------------------------------------------------------------------------------------------
-_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.RETINANET.NORM",
-              "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
 
 
 def _get(cfg, dotted: str, default=None):

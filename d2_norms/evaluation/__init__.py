@@ -1,7 +1,7 @@
 """Evaluation and comparison: COCO AP with faster-coco-eval / pycocotools, run result files,
 AP tables across runs (FRN Table 6 / GN Table 7 layout) and AP-vs-images-per-GPU plots.
 
-Trainer-facing API: :func:`build_evaluator`, :func:`add_evaluation_config`, :func:`save_results`,
+Trainer-facing API: :func:`build_evaluator`, :func:`save_results`,
 :func:`write_run_status`. Comparison API (used by tools/ap_table.py and tools/plot_ap.py):
 :func:`collect_runs`, :func:`build_tables`, :func:`format_markdown`, :func:`format_csv`,
 :func:`tables_to_json`, :func:`plot_ap_vs_images_per_gpu`. File schemas: docs/evaluation.md.
@@ -14,7 +14,7 @@ from .backends import (
     load_coco_gt,
     resolve_backend,
 )
-from .coco_evaluator import D2NormsCOCOEvaluator, add_evaluation_config, build_evaluator
+from .coco_evaluator import D2NormsCOCOEvaluator, build_evaluator
 from .compare import (
     Cell,
     DuplicateRunsError,
@@ -40,7 +40,7 @@ from .run_files import (
 
 __all__ = [
     "BACKENDS", "COCO_METRICS", "CocoEvalOutput", "evaluate_coco_results", "load_coco_gt",
-    "resolve_backend", "D2NormsCOCOEvaluator", "add_evaluation_config", "build_evaluator",
+    "resolve_backend", "D2NormsCOCOEvaluator", "build_evaluator",
     "Cell", "DuplicateRunsError", "RunRecord", "Table", "build_tables", "collect_runs",
     "format_csv", "format_markdown", "load_run", "tables_to_json", "PAPER_TABLES",
     "plot_ap_vs_images_per_gpu", "RunFileError", "describe_run", "load_results",

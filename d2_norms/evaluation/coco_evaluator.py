@@ -38,33 +38,6 @@ PREDICTIONS_FILE = "coco_instances_results.json"
 RAW_PREDICTIONS_FILE = "instances_predictions.pth"
 
 
-def add_evaluation_config(cfg):
-    """Add the ``D2NORMS.EVAL`` keys to a detectron2 config (in place, idempotent).
-
-    D2NORMS.EVAL.BACKEND: "auto" (faster-coco-eval when installed, else pycocotools),
-        "faster_coco_eval", or "pycocotools" (the reference implementation).
-    D2NORMS.EVAL.NUM_THREADS: threads for faster-coco-eval's mask IoU; 0 = library default.
-    D2NORMS.EVAL.MAX_DETS_PER_IMAGE: detections per image counted by COCO AP (COCO: 100).
-    D2NORMS.EVAL.DUMP_PREDICTIONS: write the predictions into the evaluator's output folder
-        (OUTPUT_DIR/inference): coco_instances_results.json and instances_predictions.pth, as
-        detectron2's COCOEvaluator does.
-    """
-    from detectron2.config import CfgNode as CN
-
-    if cfg.is_frozen():
-        raise RuntimeError("add_evaluation_config: the config is frozen; call it before freeze()")
-    if "D2NORMS" not in cfg:
-        cfg.D2NORMS = CN()
-    if "EVAL" not in cfg.D2NORMS:
-        cfg.D2NORMS.EVAL = CN()
-    defaults = {"BACKEND": AUTO, "NUM_THREADS": 0, "MAX_DETS_PER_IMAGE": 100,
-                "DUMP_PREDICTIONS": True}
-    for key, value in defaults.items():
-        if key not in cfg.D2NORMS.EVAL:
-            setattr(cfg.D2NORMS.EVAL, key, value)
-    return cfg
-
-
 @dataclass
 class ImagePredictions:
     """One image's detections in compact form (what ``process`` keeps and ranks exchange)."""
@@ -309,7 +282,7 @@ class D2NormsCOCOEvaluator(DatasetEvaluator):
 def build_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None):
     """The evaluator d2_norms' trainer uses: bbox AP, plus segm AP when MODEL.MASK_ON.
 
-    Backend and options from ``cfg.D2NORMS.EVAL`` (see :func:`add_evaluation_config`; defaults
+    Backend and options from ``cfg.D2NORMS.EVAL`` (keys in :mod:`d2_norms.config`; defaults
     apply when the keys are absent). ``output_dir`` defaults to OUTPUT_DIR/inference.
     """
     from detectron2.data import MetadataCatalog

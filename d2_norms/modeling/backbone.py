@@ -13,7 +13,7 @@ for all normalizers, so a normalizer sweep changes one YAML field and never the 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
-from .config import NF_NORM
+from d2_norms.config import NF_NORM
 from .fpn import build_fpn
 from .nf_resnet import build_nf_resnet
 from .resnet import build_norm_resnet
@@ -28,8 +28,8 @@ __all__ = [
 def _check_cfg_has_d2norms(cfg) -> None:
     if "D2NORMS" not in cfg.MODEL or "NF" not in cfg.MODEL.D2NORMS:
         raise KeyError(
-            "cfg.MODEL.D2NORMS is missing: call d2_norms.modeling.add_backbone_config(cfg) "
-            "(or d2_norms' add_d2_norms_config(cfg)) before merging a d2_norms YAML."
+            "cfg.MODEL.D2NORMS is missing: call d2_norms.add_d2_norms_config(cfg) before "
+            "merging a d2_norms YAML."
         )
 
 

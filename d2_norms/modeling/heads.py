@@ -24,7 +24,7 @@ original that does not run the original's constructor.
 A norm a head cannot build is refused when the head is built (:class:`HeadNormError`, naming
 the head, the config key and what to use instead).
 
-The RPN head takes a norm from ``MODEL.RPN.NORM`` (:func:`add_heads_config`; default ``""``,
+The RPN head takes a norm from ``MODEL.RPN.NORM`` (added by ``d2_norms.add_d2_norms_config``; default ``""``,
 detectron2's plain conv + ReLU). RetinaNet's head shares its norm across pyramid levels, except
 BN / SyncBN, which keep detectron2's per-level statistics with a shared affine
 (``CycleBatchNormList``, as detectron2's ``RetinaNetHead``); the RPN head follows the same rule.
@@ -53,7 +53,6 @@ from d2_norms.layers.weight_std import ScaledStdConv2d, WSConv2d, share_standard
 
 __all__ = [
     "HeadNormError",
-    "add_heads_config",
     "D2NormsRPNHead",
     "D2NormsConvFCHead",
     "D2NormsMaskHead",
@@ -67,13 +66,6 @@ PER_LEVEL_STATISTICS = ("BN", "SyncBN")
 
 class HeadNormError(ValueError):
     """A head was asked for a norm it cannot build."""
-
-
-def add_heads_config(cfg):
-    """Add ``MODEL.RPN.NORM`` (norm of the RPN's 3x3 conv; "" = detectron2's plain conv)."""
-    if "NORM" not in cfg.MODEL.RPN:
-        cfg.MODEL.RPN.NORM = ""
-    return cfg
 
 
 def _resolve(component: str, key: str, norm) -> ResolvedNorm:
