@@ -178,6 +178,11 @@ def norm_fields(detector: str, normalizer: str) -> Dict[str, str]:
     else:
         fields["MODEL.ROI_BOX_HEAD.NORM"] = rest
         fields["MODEL.ROI_MASK_HEAD.NORM"] = rest
+        if normalizer == "NF":
+            # NF sec. 4.5: Scaled WS in every conv, so also in the RPN head's 3x3 conv (gamma 1:
+            # it reads FPN features). The other normalizers leave the RPN head unnormalized, as
+            # the GN paper and detectron2's GN / from-scratch configs do.
+            fields["MODEL.RPN.NORM"] = "NF"
     return fields
 
 

@@ -89,6 +89,10 @@ def test_matrix_config_loads_with_rule_values(name):
     assert cfg.MODEL.RESNETS.DEPTH == depth and cfg.MODEL.RESNETS.NORM == normalizer
     assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.SOLVER.WEIGHT_DECAY_NORM == 0.0
+    # Issue 13 item 8: NF means Scaled WS in every conv, the RPN head's too (the others leave
+    # the RPN head unnormalized, as the GN paper and detectron2).
+    nf_rpn = detector == "mask_rcnn" and normalizer == "NF"
+    assert cfg.MODEL.RPN.NORM == ("NF" if nf_rpn else "")
     # Issue 11: d2_norms' registered components, built for the norm from the start.
     if detector == "retinanet":
         assert cfg.MODEL.META_ARCHITECTURE == "D2NormsRetinaNet"
