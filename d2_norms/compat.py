@@ -304,14 +304,27 @@ def _make_detectron2_export_importable() -> None:
         caffe2_only.__name__ = caffe2_only.__qualname__ = name
         return caffe2_only
 
-    for name in ("Caffe2Tracer", "Caffe2Model"):
-        cls = getattr(d2_export_api, name, None)
-        if isinstance(cls, type):
-            cls.__init__ = refuse(name)
-    for name in ("export_caffe2_model", "export_onnx_model"):
-        if hasattr(d2_export_api, name):
-            setattr(d2_export_api, name, refuse(name))
-            setattr(d2_export, name, getattr(d2_export_api, name))
+    class Caffe2OnlyClass(type):
+        """Stand-in for a caffe2-only class: constructing it or calling any of its class
+        attributes (e.g. ``Caffe2Model.load_protobuf``) raises MissingCaffe2Error."""
+
+        def __call__(cls, *args, **kwargs):
+            refuse(cls.__name__)()
+
+        def __getattr__(cls, attr):
+            return refuse(f"{cls.__name__}.{attr}")
+
+    # The names are rebound to stand-ins that raise when used (detectron2's classes are left
+    # as they are).
+    for name in ("Caffe2Tracer", "Caffe2Model", "export_caffe2_model", "export_onnx_model"):
+        original = getattr(d2_export_api, name, None)
+        if original is None:
+            continue
+        stand_in = (Caffe2OnlyClass(name, (), {"__module__": original.__module__})
+                    if isinstance(original, type) else refuse(name))
+        setattr(d2_export_api, name, stand_in)
+        if hasattr(d2_export, name):
+            setattr(d2_export, name, stand_in)
     _APPLIED.append("detectron2.export without caffe2 (TorchScript export works; caffe2-only "
                     "API raises MissingCaffe2Error)")
 

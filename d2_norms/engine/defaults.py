@@ -51,8 +51,10 @@ def argument_parser(epilog=None) -> argparse.ArgumentParser:
     under torchrun the launcher's values."""
     from .launch import let_launcher_decide
 
-    parser = default_argument_parser(epilog)
-    parser.__class__ = _FlagsAnywhereParser
+    base = default_argument_parser(epilog)
+    # detectron2's arguments (the same action objects) in a parser that accepts them anywhere
+    parser = _FlagsAnywhereParser(parents=[base], add_help=False, description=base.description,
+                                  epilog=base.epilog, formatter_class=base.formatter_class)
     for action in parser._actions:
         if action.dest == "num_gpus":
             action.help = ("number of processes per machine: one per GPU with CUDA (NCCL), "
