@@ -1,0 +1,84 @@
+"""detectron2's own LazyConfig model graphs (configs/common/models of the detectron2 snapshot)
+rebuilt from d2_norms' components by ``d2_norms.lazy.components.d2_norms_model``: for every
+normalizer the model equals the yacs cell's (module types, parameter names and shapes, outputs
+of every component with the same weights); the graph stays plain, saveable LazyCall data."""
+import os
+
+import pytest
+import torch
+
+import d2_norms  # noqa: F401
+import model_signatures as ms
+from d2_norms.engine.errors import LazyConfigError
+from d2_norms.lazy.components import d2_norms_model, d2n_resnet
+from test_import_neutrality import stock_configs_dir  # noqa: F401  (fixture)
+
+NORMS = ["BN", "SyncBN", "GN", "GNWS", "FRN", "NF"]
+STOCK = {"retinanet": "retinanet.py", "mask_rcnn": "mask_rcnn_fpn.py"}
+
+
+def _stock_model(configs_dir, detector):
+    from detectron2.config import LazyConfig
+
+    return LazyConfig.load(os.path.join(configs_dir, "common", "models", STOCK[detector])).model
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("detector", sorted(STOCK))
+def test_stock_graph_with_d2_norms_components_equals_the_yacs_cell(stock_configs_dir, detector,
+                                                                   norm):
+    from detectron2.config import instantiate
+    from detectron2.modeling import build_model
+
+    graph = d2_norms_model(_stock_model(stock_configs_dir, detector), norm)
+    yacs_cfg = ms.load_cfg(f"configs/COCO-scratch/{detector}_R_50_FPN_{norm}_2img.yaml")
+    # input normalization is a data setting, not a component: take the cell's (from scratch)
+    graph.pixel_mean, graph.pixel_std = list(yacs_cfg.MODEL.PIXEL_MEAN), list(yacs_cfg.MODEL.PIXEL_STD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lazy, yacs = instantiate(graph), build_model(yacs_cfg)
+        assert [(n, type(m)) for n, m in lazy.named_modules()] == \
+            [(n, type(m)) for n, m in yacs.named_modules()]
+        assert [(k, v.shape) for k, v in lazy.state_dict().items()] == \
+            [(k, v.shape) for k, v in yacs.state_dict().items()]
+        for model in (lazy, yacs):
+            ms.fill_weights(model)
+            model.eval()
+        got, want = ms.outputs(lazy, yacs_cfg), ms.outputs(yacs, yacs_cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], name  # same ops in the same order: bitwise
+
+
+def test_graph_is_editable_and_survives_save_and_load(stock_configs_dir, tmp_path):
+    from detectron2.config import LazyConfig, instantiate
+
+    from d2_norms.layers import FilterResponseNorm2d
+
+    cfg = LazyConfig.load(os.path.join(stock_configs_dir, "common", "models", "retinanet.py"))
+    cfg.model = d2_norms_model(cfg.model, "FRN")
+    cfg.model.backbone.bottom_up.depth = 18  # edited in place, detectron2-style
+    cfg.model.backbone.bottom_up.out_features = ["res3", "res4", "res5"]
+    cfg.model.backbone.top_block.in_channels = 512
+    path = str(tmp_path / "frn_retinanet.yaml")
+    LazyConfig.save(cfg, path)
+    model = instantiate(LazyConfig.load(path).model)
+    assert len(model.backbone.bottom_up.res4) == 2  # R18
+    assert all(m.has_tlu for m in model.head.cls_subnet if isinstance(m, FilterResponseNorm2d))
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.backbone.modules())
+
+
+def test_bad_graphs_and_settings_are_refused():
+    from detectron2.config import LazyCall as L
+    from detectron2.modeling import GeneralizedRCNN
+
+    with pytest.raises(LazyConfigError, match="neither a RetinaNet nor a GeneralizedRCNN"):
+        d2_norms_model(L(GeneralizedRCNN)(backbone=None), "GN")
+    with pytest.raises(KeyError, match="not an NF-ResNet setting.*alpha"):
+        d2n_resnet(depth=18, norm="NF", nf={"alpah": 0.3})
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        d2_norms_model(L(GeneralizedRCNN)(backbone={"bottom_up": {}}, roi_heads={},
+                                          proposal_generator={}), "LN")
