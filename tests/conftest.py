@@ -13,11 +13,16 @@ os.environ.setdefault("D2_NORMS_FRN_IMPL", "eager")
 
 import d2_norms  # noqa: E402,F401
 
+import importlib.util  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sigkill_at_checkpoint(cmd, out_dir, after_checkpoint, *, env=None, cwd=None,
@@ -47,3 +52,100 @@ def _sigkill_at_checkpoint(cmd, out_dir, after_checkpoint, *, env=None, cwd=None
 def sigkill_at_checkpoint():
     """The function above: kill a training run right after a given checkpoint (resume tests)."""
     return _sigkill_at_checkpoint
+
+
+def _run_command(cmd, *, env, expect=0, timeout=900):
+    """Run ``cmd`` in the repository root with environment ``env`` and return the completed
+    process; unless ``expect`` is None, its exit status must be ``expect`` (the tails of its
+    stdout and stderr are the assertion message)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if expect is not None:
+        assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_command():
+    """The function above: a tool or training run as a subprocess, its exit status checked."""
+    return _run_command
+
+
+def _load_tool(name):
+    """``tools/<name>.py`` imported as a module (to call its functions in this process)."""
+    spec = importlib.util.spec_from_file_location(f"d2n_tool_{name}",
+                                                  os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """The function above: ``load_tool("ap_table")`` is tools/ap_table.py as a module."""
+    return _load_tool
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a gloo group or torchrun)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """The function above."""
+    return _free_port
+
+
+def _assert_bitwise_equal(a, b, where="", *, dtype=True):
+    """``a`` and ``b`` (nested dicts / lists / tuples of tensors and plain values, e.g. state
+    dicts) are the same: same keys and lengths, tensors ``torch.equal`` (and of the same dtype
+    unless ``dtype`` is False), other values ``==``; ``where`` names the path in a failure."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (not dtype or a.dtype == b.dtype) \
+            and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}", dtype=dtype)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]", dtype=dtype)
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="session")
+def assert_bitwise_equal():
+    """The function above (a resumed run against an uninterrupted one)."""
+    return _assert_bitwise_equal
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (``pytest.mark.usefixtures``), then as before."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def register_coco():
+    """``register_coco(name, json_file, image_root)`` registers a COCO-format set with
+    detectron2 for this test; every set registered so is removed afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    names = []
+
+    def register(name, json_file, image_root):
+        register_coco_instances(name, {}, str(json_file), str(image_root))
+        names.append(name)
+        return name
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -11,8 +11,7 @@ from d2_norms.data import (DatasetError, MissingImageError, SafeDatasetMapper,
                            register_synthetic, unregister_synthetic)
 from d2_norms.data.synthetic import ShapesSpec, ensure_synthetic
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -25,16 +24,14 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture
-def coco_copy(source, tmp_path, request):
+def coco_copy(source, tmp_path, request, register_coco):
     """A writable copy of a tiny COCO set registered as a custom dataset; returns
     (name, json path, image dir)."""
     root = tmp_path / "set"
     shutil.copytree(source.root, root)
-    name = f"d2n_checks_{request.node.name}"[:80]
-    register_coco_instances(name, {}, str(root / "annotations.json"), str(root / "images"))
-    yield name, root / "annotations.json", root / "images"
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+    name = register_coco(f"d2n_checks_{request.node.name}"[:80], root / "annotations.json",
+                         root / "images")
+    return name, root / "annotations.json", root / "images"
 
 
 def make_cfg(train=(), test=(), arch="GeneralizedRCNN", num_classes=3):

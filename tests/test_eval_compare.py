@@ -1,7 +1,6 @@
 """AP tables and plots across run directories (written with the trainer's own file functions);
 tests/test_eval_real_runs.py does the same on directories of real training runs."""
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -26,15 +25,7 @@ from d2_norms.evaluation import (
 )
 from d2_norms.evaluation.paper_results import FRN_TABLE_6, GN_TABLE_7
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 DATASET = "synthetic_shapes_val"
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"d2n_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _metrics(ap):
@@ -253,9 +244,9 @@ def test_problems_are_reported_not_dropped(tmp_path, runs):
     assert _cells_by_column(table, "GN")["AP@8"] == "no results"
 
 
-def test_ap_table_cli(runs, tmp_path, capsys):
+def test_ap_table_cli(runs, tmp_path, capsys, load_tool):
     root, paths = runs
-    ap_table = _load_tool("ap_table")
+    ap_table = load_tool("ap_table")
     png = tmp_path / "ap.png"
     code = ap_table.main([os.path.join(str(root), "*"), str(tmp_path / "nowhere"), "--paper",
                           "--plot", str(png)])
@@ -310,12 +301,12 @@ def test_plot_has_one_series_per_normalizer(runs, tmp_path):
                                                        "GN [paper: GN Table 7, R101-FPN]"}
 
 
-def test_plot_errors_and_cli(runs, tmp_path, capsys):
+def test_plot_errors_and_cli(runs, tmp_path, capsys, load_tool):
     root, _ = runs
     records, _ = collect_runs([os.path.join(str(root), "frn_*")])
     with pytest.raises(ValueError, match="no finished run has segm AP"):
         plot_ap_vs_images_per_gpu(build_tables(records), str(tmp_path / "x.png"), task="segm")
-    plot_ap = _load_tool("plot_ap")
+    plot_ap = load_tool("plot_ap")
     png = tmp_path / "cli.png"
     assert plot_ap.main([str(root), "-o", str(png), "--metric", "AP50", "--print-data"]) == 0
     data = json.loads(capsys.readouterr().out)

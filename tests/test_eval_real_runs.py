@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -37,33 +36,17 @@ RUNS = {
                  "FRN", "MODEL.ROI_BOX_HEAD.NORM", "FRN", "MODEL.ROI_MASK_HEAD.NORM", "FRN"],
 }
 
+ENV = dict(os.environ, OMP_NUM_THREADS="2")
+
 pytestmark = pytest.mark.slow
 
 
-def _load_tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"d2n_tool_{name}",
-                                                  os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(script, *args, timeout=900, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                         timeout=timeout, env=env, cwd=REPO)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
-
-
 @pytest.fixture(scope="session")
-def real_runs(tmp_path_factory):
+def real_runs(tmp_path_factory, run_command):
     root = tmp_path_factory.mktemp("real_runs")
     for name, opts in RUNS.items():
-        _run(TRAIN_NET, "--config-file", CONFIG, *TINY, *opts, "OUTPUT_DIR", str(root / name))
+        run_command([sys.executable, TRAIN_NET, "--config-file", CONFIG, *TINY, *opts,
+                     "OUTPUT_DIR", str(root / name)], env=ENV)
     return root
 
 
@@ -110,7 +93,7 @@ def test_backends_agree_on_real_predictions(real_runs):
                     assert abs(saved[task][m] - b) <= 1e-4, (name, task, m)
 
 
-def test_ap_table_on_real_runs(real_runs, tmp_path, capsys):
+def test_ap_table_on_real_runs(real_runs, tmp_path, capsys, run_command, load_tool):
     import d2_norms  # noqa: F401
     from d2_norms.evaluation import load_results, write_run_status
 
@@ -124,7 +107,8 @@ def test_ap_table_on_real_runs(real_runs, tmp_path, capsys):
     (resumed / "config.yaml").write_text(cfg_text)
     write_run_status(str(resumed), "running", iteration=4, max_iter=10)
 
-    out = _run(AP_TABLE, os.path.join(str(real_runs), "*"), str(resumed), "--paper")
+    out = run_command([sys.executable, AP_TABLE, os.path.join(str(real_runs), "*"),
+                       str(resumed), "--paper"], env=ENV)
     md = out.stdout
     assert f"### Mask R-CNN R18-FPN — {VAL}" in md
     assert "| normalizer | box AP@2 | box AP@1 | box AP50@2 |" in md
@@ -137,7 +121,7 @@ def test_ap_table_on_real_runs(real_runs, tmp_path, capsys):
     assert frn_cells[1] == f"{ap['frn_ipg2']['bbox']['AP']:.1f}" and frn_cells[2] == "running"
     assert "GN [paper: GN Table 7, R50-FPN]" in md  # published rows next to the runs
 
-    ap_table = _load_tool("ap_table")  # in-process from here on (the CLI ran above)
+    ap_table = load_tool("ap_table")  # in-process from here on (the CLI ran above)
     assert ap_table.main([str(real_runs), "--csv"]) == 0
     csv_out = capsys.readouterr().out
     rows = list(csv.DictReader(io.StringIO(csv_out)))
@@ -156,9 +140,10 @@ def test_ap_table_on_real_runs(real_runs, tmp_path, capsys):
     assert "| GN |" in bad.out
 
 
-def test_plot_on_real_runs(real_runs, tmp_path):
+def test_plot_on_real_runs(real_runs, tmp_path, run_command):
     png = tmp_path / "ap.png"
-    out = _run(PLOT_AP, str(real_runs), "-o", str(png), "--task", "segm", "--print-data")
+    out = run_command([sys.executable, PLOT_AP, str(real_runs), "-o", str(png), "--task", "segm",
+                       "--print-data"], env=ENV)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(out.stdout)
     (panel,) = data["panels"]

@@ -2,26 +2,19 @@
 reference against timm's FRN layer, a failed run reported (not raised), and - slow - a real
 2-iteration CPU run through d2_norms' trainer whose recorded losses match what detectron2's
 JSONWriter logged, plus the compiled-vs-eager FRN comparison on CPU."""
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-set", "synthetic_shapes_tiny_train", "--test-set", "synthetic_shapes_tiny_val"]
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", os.path.join(REPO, "tools", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_check(load_tool):
+    return load_tool("gpu_check")
 
 
 def parse_error(gpu_check, capsys, argv):

@@ -6,7 +6,6 @@ processes, bitwise resume after SIGKILL, results readable by tools/ap_table.py).
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -272,12 +271,6 @@ def test_config_that_cannot_be_saved_is_refused(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 # The CLI: real runs (slow)
 # ------------------------------------------------------------------------------------------------
-def run(cmd, expect=0, timeout=900):
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
-    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
-
-
 def lazy_command(out_dir, *extra, resume=False):
     return ([sys.executable, TOOL, "--config-file", SYNTHETIC["mask_rcnn"]]
             + (["--resume"] if resume else [])
@@ -286,19 +279,20 @@ def lazy_command(out_dir, *extra, resume=False):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_then_eval_only_and_mixed_ap_table(tmp_path):
+def test_two_gloo_processes_then_eval_only_and_mixed_ap_table(tmp_path, run_command):
     lazy_dir = tmp_path / "lazy"
-    run([sys.executable, TOOL, "--config-file", SYNTHETIC["retinanet"], "--num-gpus", "2",
-         "train.max_iter=4", f"train.output_dir={lazy_dir}",
-         "settings.overrides.MODEL.RETINANET.SCORE_THRESH_TEST=0.0"])
+    run_command([sys.executable, TOOL, "--config-file", SYNTHETIC["retinanet"], "--num-gpus", "2",
+                 "train.max_iter=4", f"train.output_dir={lazy_dir}",
+                 "settings.overrides.MODEL.RETINANET.SCORE_THRESH_TEST=0.0"], env=ENV)
     status = json.load(open(lazy_dir / "run_status.json"))
     assert status["state"] == "finished" and status["world_size"] == 2, status
     results = json.load(open(lazy_dir / "results.json"))
     assert results["run"]["world_size"] == 2 and results["run"]["normalizer"] == "FRN"
     first = results["evaluations"]["synthetic_shapes_tiny_val"]
     # evaluation-only from the run's own config.yaml (the saved LazyConfig) reproduces it
-    run([sys.executable, TOOL, "--config-file", str(lazy_dir / "config.yaml"), "--eval-only",
-         f"train.init_checkpoint={lazy_dir / 'model_final.pth'}"])
+    run_command([sys.executable, TOOL, "--config-file", str(lazy_dir / "config.yaml"),
+                 "--eval-only", f"train.init_checkpoint={lazy_dir / 'model_final.pth'}"],
+                env=ENV)
     again = json.load(open(lazy_dir / "results.json"))["evaluations"]["synthetic_shapes_tiny_val"]
     # REFERENCE_WORLD_SIZE 1 (recipe.reference_world_size): 2 processes keep the images per
     # process, double the batch and halve the schedule, as tools/train_net.py does
@@ -308,44 +302,31 @@ def test_two_gloo_processes_then_eval_only_and_mixed_ap_table(tmp_path):
     yacs_dir = tmp_path / "yacs"
     base, opts = YACS_TWIN["retinanet"]
     norms = [x for key in NORM_KEYS["retinanet"] for x in (key, "GN")]
-    run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", base,
-         *opts, *norms, "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
-         "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "2",
-         "TEST.EVAL_PERIOD", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-         "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(yacs_dir)])
-    table = run([sys.executable, os.path.join(REPO, "tools", "ap_table.py"), "--json",
-                 str(lazy_dir), str(yacs_dir)]).stdout
+    run_command([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
+                 base, *opts, *norms, "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
+                 "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "2",
+                 "TEST.EVAL_PERIOD", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+                 "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(yacs_dir)], env=ENV)
+    table = run_command([sys.executable, os.path.join(REPO, "tools", "ap_table.py"), "--json",
+                         str(lazy_dir), str(yacs_dir)], env=ENV).stdout
     data = json.loads(table[table.index("{"):])
     normalizers = {r["run"]["normalizer"] for r in data["runs"]}
     assert normalizers == {"FRN", "GN"}, data["runs"]
 
 
-def _equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
-def test_sigkill_and_resume_end_with_the_same_weights(tmp_path, sigkill_at_checkpoint):
+def test_sigkill_and_resume_end_with_the_same_weights(tmp_path, sigkill_at_checkpoint,
+                                                      run_command, assert_bitwise_equal):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run(lazy_command(whole))
+    run_command(lazy_command(whole), env=ENV)
     sigkill_at_checkpoint(lazy_command(killed), str(killed), "model_0000002.pth", env=ENV,
                           cwd=REPO)
-    run(lazy_command(killed, resume=True))
+    run_command(lazy_command(killed, resume=True), env=ENV)
     a = torch.load(whole / "model_final.pth", weights_only=True)
     b = torch.load(killed / "model_final.pth", weights_only=True)
-    _equal(a["model"], b["model"], "model")
-    _equal(a["trainer"]["_trainer"], b["trainer"]["_trainer"], "optimizer")
+    assert_bitwise_equal(a["model"], b["model"], "model", dtype=False)
+    assert_bitwise_equal(a["trainer"]["_trainer"], b["trainer"]["_trainer"], "optimizer",
+                         dtype=False)
 
 
 def test_every_finetune_lazy_twin_builds_its_yacs_files_settings():

@@ -91,15 +91,12 @@ def run_tool(*args):
 
 
 @pytest.fixture
-def tool(capsys):
+def tool(capsys, load_tool):
     """The same tool's ``main`` in this process (the bad-input tests: no ~15 s start-up each);
     returns an object with ``returncode``, ``stdout``, ``stderr`` like ``run_tool``."""
-    import importlib.util
     import types
 
-    spec = importlib.util.spec_from_file_location("convert_pretrained", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("convert_pretrained")
 
     def run(*args):
         code = module.main(list(args))
@@ -381,7 +378,7 @@ TINY = ["DATASETS.TRAIN", "('synthetic_shapes_tiny_train',)",
 
 @pytest.mark.slow
 @needs_timm
-def test_finetuning_from_converted_weights(converted, tmp_path):
+def test_finetuning_from_converted_weights(converted, tmp_path, run_command):
     """A few iterations on the synthetic set: trains with finite losses, the frozen stem and
     res2 keep the converted weights exactly (so they were loaded), res3..res5 move."""
     import json
@@ -389,12 +386,8 @@ def test_finetuning_from_converted_weights(converted, tmp_path):
     name, _, path = converted
     config = os.path.join(REPO, "configs", P.get_timm_spec(name).finetune_configs[0])
     out_dir = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    result = subprocess.run(
-        [sys.executable, TRAIN_NET, "--config-file", config, *TINY, "MODEL.WEIGHTS", path,
-         "OUTPUT_DIR", out_dir], capture_output=True, text=True, cwd=REPO, env=env,
-        timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_command([sys.executable, TRAIN_NET, "--config-file", config, *TINY, "MODEL.WEIGHTS", path,
+                 "OUTPUT_DIR", out_dir], env=dict(os.environ, OMP_NUM_THREADS="2"))
     with open(os.path.join(out_dir, "metrics.json")) as f:
         losses = [json.loads(line)["total_loss"] for line in f if '"total_loss"' in line]
     assert losses and all(np.isfinite(losses)), losses

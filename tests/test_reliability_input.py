@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import MetadataCatalog
 
 from d2_norms.engine.defaults import preflight, run_cli, setup_cfg
 from d2_norms.engine.errors import BatchSizeError
@@ -229,7 +228,7 @@ def argv_args(argv):
 
 # -------------------------------------------------------------------------------------- datasets
 @pytest.fixture
-def coco_like(tmp_path):
+def coco_like(tmp_path, register_coco):
     """Register a small COCO-format dataset (copied from the tiny synthetic val set) whose files
     a test then breaks; unregistered afterwards."""
     import shutil
@@ -238,11 +237,9 @@ def coco_like(tmp_path):
     root = tmp_path / "data"
     shutil.copytree(meta.image_root, root / "images")
     shutil.copy(meta.json_file, root / "instances.json")
-    name = f"broken_{os.getpid()}_{id(tmp_path)}"
-    register_coco_instances(name, {}, str(root / "instances.json"), str(root / "images"))
-    yield name, root
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+    name = register_coco(f"broken_{os.getpid()}_{id(tmp_path)}", root / "instances.json",
+                         root / "images")
+    return name, root
 
 
 def data_argv(name, out, *extra):

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -34,12 +33,6 @@ def command(out_dir, workers, *extra, resume=False):
                             "OUTPUT_DIR", str(out_dir)])
 
 
-def run(cmd, expect=0, timeout=900):
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
-    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
-
-
 def start_and_kill(out_dir, workers, after_checkpoint, sigkill_at_checkpoint):
     """Start training, SIGKILL it as soon as last_checkpoint names ``after_checkpoint`` or a
     later one; returns the iteration of the checkpoint it will resume from."""
@@ -53,40 +46,26 @@ def final_state(out_dir):
     return ckpt["model"], ckpt["trainer"]
 
 
-def assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def metrics_iterations(out_dir):
     with open(os.path.join(out_dir, "metrics.json")) as f:
         return [json.loads(line)["iteration"] for line in f if '"total_loss"' in line]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, run_command):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run(command(out, 0))
+    run_command(command(out, 0), env=ENV)
     return out
 
 
 @pytest.mark.parametrize("workers,kill_after", [(2, "model_0000002.pth"),
                                                 (0, "model_0000005.pth")])
 def test_killed_and_resumed_run_ends_bitwise_identical(uninterrupted, tmp_path, workers,
-                                                       kill_after, sigkill_at_checkpoint):
+                                                       kill_after, sigkill_at_checkpoint,
+                                                       run_command, assert_bitwise_equal):
     resumed = tmp_path / "resumed"
     resume_from = start_and_kill(str(resumed), workers, kill_after, sigkill_at_checkpoint)
-    out = run(command(resumed, workers, resume=True))
+    out = run_command(command(resumed, workers, resume=True), env=ENV)
     log = out.stdout + out.stderr
     assert f"Starting training from iteration {resume_from + 1}" in log
     assert max(metrics_iterations(resumed)) == 9
@@ -109,17 +88,18 @@ def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_diverging_run_stops_with_iteration_losses_remedies_and_keeps_good_checkpoints(tmp_path):
+def test_diverging_run_stops_with_iteration_losses_remedies_and_keeps_good_checkpoints(
+        tmp_path, run_command):
     good = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
             "DATASETS.TEST", "()"]
-    run(command(tmp_path, 0, *good))
+    run_command(command(tmp_path, 0, *good), env=ENV)
     before = {n: sha(tmp_path / n) for n in os.listdir(tmp_path) if n.endswith(".pth")}
     assert set(before) == {"model_0000001.pth", "model_0000003.pth", "model_final.pth"}
 
     # continue with an absurd learning rate, a checkpoint after every step
     bad = ["SOLVER.MAX_ITER", "30", "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.BASE_LR", "1e6",
            "SOLVER.WARMUP_ITERS", "0", "DATASETS.TEST", "()"]
-    out = run(command(tmp_path, 0, *bad, resume=True), expect=1)
+    out = run_command(command(tmp_path, 0, *bad, resume=True), env=ENV, expect=1)
     err = out.stderr
     match = re.search(r"non-finite (?:values )?at iteration (\d+) \(of 30\)", err)
     assert match, err[-4000:]

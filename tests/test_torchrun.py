@@ -7,8 +7,6 @@ tests: real torchrun processes (a small probe script, bad input, a short trainin
 ``--num-gpus 2``)."""
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -193,12 +191,6 @@ def test_cli_refuses_a_partial_launcher_environment_with_exit_code_2(no_launcher
 
 
 # ------------------------------------------------------------------------ real torchrun runs
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCHER_VARIABLES + ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
@@ -206,11 +198,16 @@ def _clean_env(**extra):
     return env
 
 
-def torchrun(nproc, *args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_clean_env(),
-                          cwd=REPO)
+@pytest.fixture(scope="module")
+def torchrun(run_command, free_port):
+    """``torchrun(nproc, *args, timeout=300, expect=None)``: ``python -m torch.distributed.run``
+    on a free port, launcher variables of this process removed; exit status ``expect`` (None:
+    not checked)."""
+    def run(nproc, *args, timeout=300, expect=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *args]
+        return run_command(cmd, env=_clean_env(), expect=expect, timeout=timeout)
+    return run
 
 
 PROBE = textwrap.dedent("""
@@ -243,7 +240,7 @@ PROBE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_torchrun_processes_join_one_group(tmp_path):
+def test_torchrun_processes_join_one_group(tmp_path, torchrun):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     for nproc in (2, 1):
@@ -266,7 +263,7 @@ def test_torchrun_processes_join_one_group(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_with_contradicting_num_gpus_exits_2_before_writing(tmp_path):
+def test_torchrun_with_contradicting_num_gpus_exits_2_before_writing(tmp_path, torchrun):
     out = torchrun(2, TRAIN_NET, "--num-gpus", "4", "--config-file", CONFIG, *TINY,
                    "OUTPUT_DIR", str(tmp_path / "o"), timeout=180)
     assert out.returncode != 0
@@ -277,7 +274,7 @@ def test_torchrun_with_contradicting_num_gpus_exits_2_before_writing(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_bad_input_found_on_rank0_stops_every_rank_before_writing(tmp_path):
+def test_torchrun_bad_input_found_on_rank0_stops_every_rank_before_writing(tmp_path, torchrun):
     """The input checks run once (rank 0) after the group is joined; the error reaches every
     rank, each exits 2 with the message, nothing is written."""
     out = torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "MODEL.RESNETS.NORM",
@@ -312,20 +309,17 @@ def _fingerprints(log_path):
 
 
 @pytest.fixture(scope="module")
-def torchrun_run(tmp_path_factory):
+def torchrun_run(tmp_path_factory, torchrun):
     out_dir = tmp_path_factory.mktemp("torchrun")
-    out = torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(out_dir))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(out_dir), expect=0)
     return out_dir
 
 
 @pytest.fixture(scope="module")
-def num_gpus_run(tmp_path_factory):
+def num_gpus_run(tmp_path_factory, run_command):
     out_dir = tmp_path_factory.mktemp("num_gpus")
-    out = subprocess.run([sys.executable, TRAIN_NET, "--num-gpus", "2", "--config-file", CONFIG,
-                          *TINY, "OUTPUT_DIR", str(out_dir)], capture_output=True, text=True,
-                         timeout=300, env=_clean_env(), cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    run_command([sys.executable, TRAIN_NET, "--num-gpus", "2", "--config-file", CONFIG, *TINY,
+                 "OUTPUT_DIR", str(out_dir)], env=_clean_env(), timeout=300)
     return out_dir
 
 
@@ -364,11 +358,10 @@ def test_torchrun_evaluation_is_gathered_from_both_ranks(torchrun_run):
 
 
 @pytest.mark.slow
-def test_torchrun_eval_only_reproduces_the_final_evaluation(torchrun_run, tmp_path):
-    out = torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "--eval-only",
-                   "MODEL.WEIGHTS", str(torchrun_run / "model_final.pth"),
-                   "OUTPUT_DIR", str(tmp_path), timeout=240)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+def test_torchrun_eval_only_reproduces_the_final_evaluation(torchrun_run, tmp_path, torchrun):
+    torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "--eval-only",
+             "MODEL.WEIGHTS", str(torchrun_run / "model_final.pth"),
+             "OUTPUT_DIR", str(tmp_path), timeout=240, expect=0)
     assert _predictions(tmp_path) == _predictions(torchrun_run)
     assert _evaluation(tmp_path) == _evaluation(torchrun_run)  # metrics and iteration (4)
     assert _evaluation(tmp_path)[1] == 4

@@ -3,7 +3,6 @@ the files detectron2 writes, --eval-only, --resume, and two gloo processes."""
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,16 +18,15 @@ TINY = ["DATASETS.TRAIN", f"('{TRAIN_SET}',)", "DATASETS.TEST", f"('{VAL_SET}',)
         "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)",
         "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
         "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.RPN.POST_NMS_TOPK_TEST", "100"]
+ENV = dict(os.environ, OMP_NUM_THREADS="2")
 
 pytestmark = pytest.mark.slow
 
 
-def train_net(*args, timeout=900):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True,
-                         timeout=timeout, env=env, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
+@pytest.fixture(scope="module")
+def train_net(run_command):
+    """``train_net(*args)``: tools/train_net.py with ``args`` in a subprocess; it must succeed."""
+    return lambda *args: run_command([sys.executable, TRAIN_NET, *args], env=ENV)
 
 
 def metrics(output_dir):
@@ -37,7 +35,7 @@ def metrics(output_dir):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, train_net):
     out_dir = str(tmp_path_factory.mktemp("run"))
     train_net("--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "12",
               "SOLVER.CHECKPOINT_PERIOD", "5", "OUTPUT_DIR", out_dir)
@@ -74,7 +72,7 @@ def test_training_evaluates_bbox_and_segm_with_cocoeval(trained_run):
     assert len(predictions) == len(DatasetCatalog.get(VAL_SET))
 
 
-def test_eval_only_reproduces_final_ap(trained_run, tmp_path):
+def test_eval_only_reproduces_final_ap(trained_run, tmp_path, train_net):
     train_net("--config-file", CONFIG, *TINY, "--eval-only",
               "MODEL.WEIGHTS", os.path.join(trained_run, "model_final.pth"),
               "OUTPUT_DIR", str(tmp_path))
@@ -96,7 +94,7 @@ def test_eval_only_reproduces_final_ap(trained_run, tmp_path):
     assert iteration(trained_run) == iteration(str(tmp_path)) == 12  # the weights' iteration
 
 
-def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
+def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, train_net):
     import shutil
 
     run = tmp_path / "resumed"
@@ -114,7 +112,7 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
     assert ckpt["iteration"] == 13
 
 
-def test_two_gloo_processes_train_and_gather_evaluation(tmp_path):
+def test_two_gloo_processes_train_and_gather_evaluation(tmp_path, train_net):
     out = train_net("--num-gpus", "2", "--config-file", CONFIG, *TINY,
                     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "4",
                     "OUTPUT_DIR", str(tmp_path))
