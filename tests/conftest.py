@@ -23,6 +23,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# detectron2 main's snapshot with its model-zoo configs (the v0.6 sdist ships none); CI has it
+D2_SNAPSHOT = os.path.join(os.path.dirname(REPO), "shared", "third_party",
+                           "detectron2-02b5c4e2.tar.gz")
 
 
 def _sigkill_at_checkpoint(cmd, out_dir, after_checkpoint, *, env=None, cwd=None,
@@ -149,3 +152,23 @@ def register_coco():
     for name in names:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+@pytest.fixture(scope="session")
+def stock_configs_dir(tmp_path_factory):
+    """detectron2's own ``configs/`` (yacs model zoo and LazyConfigs) from the snapshot."""
+    import tarfile
+
+    if not os.path.exists(D2_SNAPSHOT):
+        pytest.skip(f"detectron2 snapshot with the model-zoo configs not found at {D2_SNAPSHOT} "
+                    "(../shared/third_party, present in CI only)")
+    root = tmp_path_factory.mktemp("d2_snapshot")
+    with tarfile.open(D2_SNAPSHOT) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.name.startswith("configs/") or "/configs/" in m.name]
+        tar.extractall(root, members=members, filter="data")
+    for dirpath, dirnames, _ in os.walk(root):
+        if "configs" in dirnames and os.path.exists(os.path.join(dirpath, "configs",
+                                                                 "Base-RCNN-FPN.yaml")):
+            return os.path.join(dirpath, "configs")
+    pytest.fail(f"no configs/ with Base-RCNN-FPN.yaml in {D2_SNAPSHOT}")

@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SNAPSHOT = os.path.join(os.path.dirname(REPO), "shared", "third_party",
-                        "detectron2-02b5c4e2.tar.gz")
 
 STOCK_CONFIGS = [
     "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
@@ -84,21 +82,6 @@ torch.save(results, out_path)
 '''
 
 
-@pytest.fixture(scope="module")
-def stock_configs_dir(tmp_path_factory):
-    if not os.path.exists(SNAPSHOT):
-        pytest.skip(f"detectron2 snapshot with the model-zoo configs not found at {SNAPSHOT} "
-                    "(../shared/third_party, present in CI only)")
-    root = tmp_path_factory.mktemp("d2_snapshot")
-    with tarfile.open(SNAPSHOT) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith("configs/") or "/configs/" in m.name]
-        tar.extractall(root, members=members, filter="data")
-    for dirpath, dirnames, _ in os.walk(root):
-        if "configs" in dirnames and os.path.exists(os.path.join(dirpath, "configs",
-                                                                 "Base-RCNN-FPN.yaml")):
-            return os.path.join(dirpath, "configs")
-    pytest.fail(f"no configs/ with Base-RCNN-FPN.yaml in {SNAPSHOT}")
 
 
 def _build_all(configs_dir, tmp_path, with_d2_norms):
@@ -179,45 +162,3 @@ def test_stock_fpn_with_gn_scripts_after_import(stock_configs_dir):
     assert sorted(eager) == sorted(script)
     for k in eager:
         torch.testing.assert_close(script[k], eager[k], rtol=0, atol=1e-5)
-
-
-def test_d2_norms_gn_config_heads_use_torch_groupnorm_with_the_same_numbers():
-    """configs/synthetic (d2_norms' own): its stock heads now get torch's nn.GroupNorm for "GN"
-    (what detectron2 gives), the d2_norms backbone keeps d2_norms' GroupNorm; both compute
-    F.group_norm, so swapping the heads' layers for d2_norms' changes no output."""
-    import copy
-
-    import d2_norms
-    from d2_norms.layers import GroupNorm
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    cfg = get_cfg()
-    d2_norms.add_d2_norms_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    head_gns = [n for n, m in model.named_modules()
-                if n.startswith("roi_heads.") and isinstance(m, nn.GroupNorm)]
-    assert head_gns and all(type(model.get_submodule(n)) is nn.GroupNorm for n in head_gns)
-    assert all(type(m) is GroupNorm for n, m in model.backbone.named_modules()
-               if isinstance(m, nn.GroupNorm))
-    swapped = copy.deepcopy(model)
-    for name in head_gns:
-        parent_name, _, attr = name.rpartition(".")
-        parent = swapped.get_submodule(parent_name)
-        old = getattr(parent, attr)
-        new = GroupNorm(old.num_channels, old.num_groups, eps=old.eps)
-        new.load_state_dict(old.state_dict())
-        setattr(parent, attr, new)
-    assert list(swapped.state_dict()) == list(model.state_dict())  # same parameter names
-    image = torch.randint(0, 256, (3, 128, 128), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        a = model.inference([{"image": image.float()}], do_postprocess=False)[0]
-        b = swapped.inference([{"image": image.float()}], do_postprocess=False)[0]
-    assert len(a) > 0
-    for field in ("scores", "pred_classes", "pred_masks"):
-        assert torch.equal(a.get(field), b.get(field)), field
-    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)

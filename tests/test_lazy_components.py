@@ -11,7 +11,6 @@ import d2_norms  # noqa: F401
 import model_signatures as ms
 from d2_norms.engine.errors import LazyConfigError
 from d2_norms.lazy.components import d2_norms_model, d2n_resnet
-from test_import_neutrality import stock_configs_dir  # noqa: F401  (fixture)
 
 NORMS = ["BN", "SyncBN", "GN", "GNWS", "FRN", "NF"]
 STOCK = {"retinanet": "retinanet.py", "mask_rcnn": "mask_rcnn_fpn.py"}
