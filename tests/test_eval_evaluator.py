@@ -184,7 +184,6 @@ def _distributed_worker(rank, world, port, json_file, out_file):
     import torch
     import torch.distributed as dist
 
-    import d2_norms  # noqa: F401
     from coco_cases import make_coco_case, register_case, to_instances
 
     torch.set_num_threads(1)
