@@ -135,6 +135,20 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def eager_frn_one_thread():
+    """The eager FRN kernel (the compiled one costs seconds to compile; the layer tests cover
+    it) and one torch thread (outputs independent of the core count) for a module's tests."""
+    import d2_norms.layers as L
+
+    old_impl, old_threads = L.get_frn_impl(), torch.get_num_threads()
+    L.set_frn_impl("eager")
+    torch.set_num_threads(1)
+    yield
+    L.set_frn_impl(old_impl)
+    torch.set_num_threads(old_threads)
+
+
 @pytest.fixture
 def register_coco():
     """``register_coco(name, json_file, image_root)`` registers a COCO-format set with

@@ -61,14 +61,7 @@ NF_PLAIN_CONVS = {
 FC_DECONV_RELUS = {"roi_heads.box_head.fc_relu1", "roi_heads.mask_head.deconv_relu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _eager_frn_one_thread():
-    old_impl, old_threads = L.get_frn_impl(), torch.get_num_threads()
-    L.set_frn_impl("eager")
-    torch.set_num_threads(1)
-    yield
-    L.set_frn_impl(old_impl)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("eager_frn_one_thread")
 
 
 class ForwardWalk(TorchDispatchMode):

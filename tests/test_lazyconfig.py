@@ -47,8 +47,10 @@ NORM_KEYS = {"retinanet": ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.RETINA
 
 def yacs_twin(detector, norm):
     base, opts = YACS_TWIN[detector]
-    for key in NORM_KEYS[detector]:
-        opts = opts + [key, norm]
+    # every norm key of the cell, as the generated yacs files set them (NF: the RPN's too)
+    for key, value in recipes.norm_fields(detector, norm).items():
+        opts = opts + [key, value]
+    assert set(NORM_KEYS[detector]) <= set(recipes.norm_fields(detector, norm))
     return load_config(base, opts)
 
 

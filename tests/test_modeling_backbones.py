@@ -30,15 +30,7 @@ DETECTORS = ["retinanet", "mask_rcnn"]
 FPN_CHANNELS = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _eager_frn_one_thread():
-    # The compiled FRN kernel costs ~10 s to compile once; the layer tests cover it.
-    old_impl, old_threads = L.get_frn_impl(), torch.get_num_threads()
-    L.set_frn_impl("eager")
-    torch.set_num_threads(1)
-    yield
-    L.set_frn_impl(old_impl)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("eager_frn_one_thread")
 
 
 def _heads_norm(norm):

@@ -71,14 +71,7 @@ STOCK_OF = {D2NormsRetinaNet: RetinaNet, D2NormsRetinaNetHead: RetinaNetHead,
 REGISTRY_SUBCLASS = {nn.GroupNorm: L.GroupNorm, nn.SyncBatchNorm: L.SyncBatchNorm}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _eager_frn_one_thread():
-    old_impl, old_threads = L.get_frn_impl(), torch.get_num_threads()
-    L.set_frn_impl("eager")
-    torch.set_num_threads(1)
-    yield
-    L.set_frn_impl(old_impl)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("eager_frn_one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
