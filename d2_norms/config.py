@@ -15,6 +15,7 @@ MODEL.D2NORMS.NF.SCALED_WS             True        Scaled WS convs (False: sec. 
 MODEL.D2NORMS.NF.WS_EPS                1e-6        eps of each Scaled WS conv's fan-in variance
 MODEL.D2NORMS.NF.SHORTCUT_AVG_POOL     False       timm's avg-pool transition shortcut
 MODEL.RPN.NORM                         ""          norm of the RPN head's conv (D2NormsRPNHead)
+MODEL.RETINANET.NORM_PER_LEVEL         False       one norm per pyramid level in RetinaNet's head
 D2NORMS.EVAL.BACKEND                   "auto"      faster_coco_eval | pycocotools | auto
 D2NORMS.EVAL.NUM_THREADS               0           faster-coco-eval mask IoU threads (0: default)
 D2NORMS.EVAL.MAX_DETS_PER_IMAGE        100         detections per image COCO AP counts
@@ -83,6 +84,13 @@ def add_d2_norms_config(cfg: CN) -> CN:
 
     # Norm of the RPN head's 3x3 conv(s), read by D2NormsRPNHead; "" = detectron2's plain conv.
     _setdefault(cfg.MODEL.RPN, "NORM", "")
+    # RetinaNet head (D2NormsRetinaNetHead): False = detectron2's layout, one norm per subnet
+    # layer shared by all pyramid levels (BN / SyncBN: per-level statistics, shared affine,
+    # CycleBatchNormList); checkpoint names unchanged. True = one whole norm per level and layer
+    # (own statistics and gamma/beta; convs still shared), as Google's TPU RetinaNet
+    # (class-{i}-bn-{level}), for every normalizer; no effect for "NF" (no norm module) and "".
+    # Names: head.cls_subnet.{k}.{level}.weight etc. (d2_norms.modeling.heads.PerLevelNorm).
+    _setdefault(cfg.MODEL.RETINANET, "NORM_PER_LEVEL", False)
 
     _setdefault(cfg, "D2NORMS", CN())
     _setdefault(cfg.D2NORMS, "EVAL", CN())

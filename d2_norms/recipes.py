@@ -25,6 +25,9 @@ nothing is hand-computed.
   as detectron2's SyncBN Mask R-CNN configs).
 - NF cells add adaptive gradient clipping (lambda ``NF_AGC_CLIPPING``) to the table's schedule
   (docs/recipes.md: why this lr, warm-up and lambda).
+- RetinaNet cells give their head one norm per pyramid level
+  (``MODEL.RETINANET.NORM_PER_LEVEL: True``, ``RETINANET_NORM_PER_LEVEL``), as Google's TPU
+  RetinaNet that FRN Table 6 was trained with; NF cells leave it unset (no norm module there).
 Every decision, with its reason: docs/recipes.md.
 """
 from dataclasses import asdict, dataclass
@@ -64,6 +67,12 @@ PRECISE_BN_CELLS = {("mask_rcnn", "BN"), ("mask_rcnn", "SyncBN")}
 # NF recipe: AGC lambda (Brock et al. 2021 sec. 4.1) measured on the synthetic set at batch 4
 # (docs/recipes.md): the only lambda of {0.01, 0.04, 0.1} stable at 16x the cell's per-image lr.
 NF_AGC_CLIPPING = 0.04
+
+# FRN Table 6 was trained with Google's TPU RetinaNet, whose class / box subnets share their
+# convs across P3-P7 but give every level its own norm (``class-{i}-bn-{level}``: statistics and
+# gamma / beta; FRN replaced that norm + ReLU). The RetinaNet cells build the head that way
+# (d2_norms.modeling.heads.PerLevelNorm; docs/recipes.md). NF has no norm module: not set there.
+RETINANET_NORM_PER_LEVEL = True
 
 CHECKPOINTS_PER_RUN = 25
 EVALS_PER_RUN = 5
@@ -235,8 +244,11 @@ def _dump(node: Dict, indent: int = 0):
 
 
 def extra_fields(detector: str, normalizer: str) -> Dict[str, object]:
-    """Per-cell settings beyond the schedule: input sizes, PreciseBN, the NF recipe's AGC."""
+    """Per-cell settings beyond the schedule: the RetinaNet head's per-level norms, input sizes,
+    PreciseBN, the NF recipe's AGC."""
     flat: Dict[str, object] = {}
+    if detector == "retinanet" and normalizer != "NF":
+        flat["MODEL.RETINANET.NORM_PER_LEVEL"] = RETINANET_NORM_PER_LEVEL
     if detector == "mask_rcnn":
         flat["INPUT.MIN_SIZE_TRAIN"] = GN_MIN_SIZE_TRAIN
         flat["INPUT.MAX_SIZE_TRAIN"] = GN_MAX_SIZE_TRAIN
@@ -258,8 +270,9 @@ def render_config(detector: str, depth: int, normalizer: str, images_per_gpu: in
                        frn_base_lr if detector == "retinanet" else None)
     flat: Dict[str, object] = {"MODEL.RESNETS.DEPTH": depth}
     flat.update(norm_fields(detector, normalizer))
-    flat.update({f"SOLVER.{k}": v for k, v in sched.solver_dict().items()})
     extra = extra_fields(detector, normalizer)
+    flat.update({k: v for k, v in extra.items() if k.startswith("MODEL.")})
+    flat.update({f"SOLVER.{k}": v for k, v in sched.solver_dict().items()})
     flat.update({k: v for k, v in extra.items() if k.startswith("SOLVER.")})
     flat.update({k: v for k, v in extra.items() if k.startswith("INPUT.")})
     flat["TEST.EVAL_PERIOD"] = sched.eval_period

@@ -112,6 +112,19 @@ def test_matrix_config_loads_with_rule_values(name):
     assert clip.ENABLED == (normalizer == "NF")
     if normalizer == "NF":
         assert clip.CLIP_TYPE == "agc" and clip.CLIP_VALUE == recipes.NF_AGC_CLIPPING
+    # Item 7: RetinaNet heads get one norm per pyramid level (TPU RetinaNet, FRN Table 6) where
+    # there is a norm module (not NF); the key is absent from every other file.
+    per_level = detector == "retinanet" and normalizer != "NF"
+    assert cfg.MODEL.RETINANET.NORM_PER_LEVEL is per_level
+    assert ("NORM_PER_LEVEL" in open(os.path.join(MATRIX_DIR, name)).read()) == per_level
+
+
+def test_frn_table6_cells_use_per_level_head_norms():
+    """Item 7: every FRN Table 6 cell (BN, GN, FRN) sets MODEL.RETINANET.NORM_PER_LEVEL True."""
+    assert recipes.RETINANET_NORM_PER_LEVEL is True
+    for cell in recipes.PAPER_TABLES["frn-table6"]:
+        cfg = _cfg(os.path.join(MATRIX_DIR, recipes.config_name(*cell)))
+        assert cfg.MODEL.RETINANET.NORM_PER_LEVEL is True, cell
 
 
 def test_frn_base_lr_sweep_has_distinct_files():

@@ -28,15 +28,18 @@ The RPN head takes a norm from ``MODEL.RPN.NORM`` (added by ``d2_norms.add_d2_no
 detectron2's plain conv + ReLU). RetinaNet's head shares its norm across pyramid levels, except
 BN / SyncBN, which keep detectron2's per-level statistics with a shared affine
 (``CycleBatchNormList``, as detectron2's ``RetinaNetHead``); the RPN head follows the same rule.
+``MODEL.RETINANET.NORM_PER_LEVEL: True`` gives every RetinaNet subnet layer one whole norm per
+pyramid level instead (own statistics and affine; convs shared), as Google's TPU RetinaNet, the
+FRN paper's setting: :class:`PerLevelNorm`.
 """
 import math
 from contextlib import contextmanager
-from typing import List
+from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from detectron2.config import configurable
 from detectron2.layers import ConvTranspose2d, Conv2d, CycleBatchNormList, ShapeSpec
@@ -58,6 +61,8 @@ __all__ = [
     "D2NormsMaskHead",
     "D2NormsRetinaNetHead",
     "D2NormsRetinaNet",
+    "PerLevelNorm",
+    "PerLevelSubnet",
 ]
 
 # Norms with batch statistics that detectron2's RetinaNetHead keeps per pyramid level.
@@ -264,6 +269,71 @@ class D2NormsMaskHead(MaskRCNNConvUpsampleHead):
 # ---------------------------------------------------------------------------------------------
 # RetinaNet
 # ---------------------------------------------------------------------------------------------
+class PerLevelNorm(nn.ModuleList):
+    """One norm module per pyramid level, in one subnet slot of :class:`D2NormsRetinaNetHead`.
+
+    ``MODEL.RETINANET.NORM_PER_LEVEL: True``: the subnet's convs are shared by all levels (as in
+    detectron2 and Google's TPU RetinaNet), its norm is not: level ``l`` (0 = the first entry of
+    ``MODEL.RETINANET.IN_FEATURES``, P3) goes through ``self[l]``, a whole norm of its own
+    (statistics *and* affine; for FRN the fused FRN + TLU with its own gamma, beta, tau and,
+    for FRN_LEPS, its learned eps). The TPU RetinaNet names them ``class-{i}-bn-{level}``.
+
+    Parameter names: the module sits where the shared norm sat, so its entries are
+    ``head.cls_subnet.{k}.{l}.<name>`` / ``head.bbox_subnet.{k}.{l}.<name>`` with ``k`` the slot
+    (``3i + 1`` for layer ``i``; ``3i + 2`` for an activation with parameters, see
+    :meth:`D2NormsRetinaNetHead._layer`), ``l`` the level and ``<name>`` the norm's own names
+    (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked`` for BN;
+    ``weight``, ``bias`` for GN; ``weight``, ``bias``, ``tau`` (+ ``eps_l``, FRN_LEPS) for FRN).
+
+    The level is an argument, not a counter (``CycleBatchNormList`` counts calls): the head's
+    forward passes each level's index, so no state can drift (a forward raising midway leaves
+    nothing behind, a subnet called once more cannot shift later levels), and the module scripts
+    as well as traces. Called without a level it raises: run it through
+    :class:`PerLevelSubnet` / the head's forward.
+    """
+
+    def __init__(self, modules):
+        super().__init__(modules)
+        self.num_levels = len(self)  # an attribute TorchScript can read (not len(ModuleList))
+        self.d2n_per_level = True  # the marker the scripted head forward tests (hasattr)
+
+    def forward(self, x: Tensor, level: Optional[int] = None) -> Tensor:
+        if level is None:
+            raise RuntimeError(
+                "PerLevelNorm holds one norm per pyramid level and needs the level: call the "
+                "subnet as subnet(x, level) (D2NormsRetinaNetHead.forward does), not subnet(x)")
+        out = x
+        found = False
+        for i, norm in enumerate(self):  # an index loop TorchScript can compile
+            if i == level:
+                out = norm(x)
+                found = True
+        if not found:
+            raise IndexError(
+                f"PerLevelNorm: level {level} out of range for {self.num_levels} levels")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"levels={self.num_levels}"
+
+
+class PerLevelSubnet(nn.Sequential):
+    """A RetinaNet subnet (``nn.Sequential`` layout and names) holding :class:`PerLevelNorm`
+    slots; ``forward(x, level)`` passes the level to them and ``x`` alone to every other layer."""
+
+    def forward(self, x: Tensor, level: Optional[int] = None) -> Tensor:
+        if level is None:
+            raise RuntimeError(
+                "this RetinaNet subnet has one norm per pyramid level "
+                "(MODEL.RETINANET.NORM_PER_LEVEL): call it as subnet(x, level)")
+        for layer in self:
+            if hasattr(layer, "d2n_per_level"):  # a PerLevelNorm
+                x = layer(x, level)
+            else:
+                x = layer(x)
+        return x
+
+
 class D2NormsRetinaNetHead(RetinaNetHead):
     """``RetinaNetHead`` with subnets built for ``MODEL.RETINANET.NORM``.
 
@@ -272,19 +342,29 @@ class D2NormsRetinaNetHead(RetinaNetHead):
     without a norm (conv, ReLU) pairs. A norm with a fused activation (FRN + TLU) sits in the
     norm slot and the activation slot is ``nn.Identity``; a Scaled WS norm (NF) leaves the norm
     slot ``nn.Identity`` (its conv carries gain and bias). Plain convs are ``torch.nn.Conv2d``
-    as in detectron2. One norm module per layer is shared by all levels, except BN / SyncBN
-    (per-level statistics, ``CycleBatchNormList``): see :func:`_subnet_norm`, the place for a
-    per-level option.
+    as in detectron2.
+
+    Norms across pyramid levels (``MODEL.RETINANET.NORM_PER_LEVEL``, ``norm_per_level``):
+
+    * ``False`` (default, detectron2's layout, names unchanged): one norm module per layer shared
+      by all levels, except BN / SyncBN: per-level statistics with one shared affine
+      (``CycleBatchNormList``: ``cls_subnet.{k}.weight``, ``cls_subnet.{k}.{l}.running_mean``).
+    * ``True``: the subnets are :class:`PerLevelSubnet` and each norm slot a
+      :class:`PerLevelNorm`, one whole norm per level (``cls_subnet.{k}.{l}.weight`` ...; an
+      activation with parameters of its own is made per level too). Every normalizer (BN,
+      SyncBN, GN, GNWS, FRN, FRN_LEPS, registered ones); no effect with "NF" (no norm module:
+      the Scaled WS conv carries gain and bias, shared like every conv) or "".
     """
 
     @configurable
     def __init__(self, *, input_shape: List[ShapeSpec], num_classes, num_anchors,
-                 conv_dims: List[int], norm="", prior_prob=0.01):
+                 conv_dims: List[int], norm="", prior_prob=0.01, norm_per_level: bool = False):
         nn.Module.__init__(self)
         component, key = type(self).__name__, "MODEL.RETINANET.NORM"
         if not conv_dims:
             raise ValueError(f"{component}: MODEL.RETINANET.NUM_CONVS must be at least 1")
         self._num_features = len(input_shape)
+        self._norm_per_level = bool(norm_per_level)
         resolved = _resolve(component, key, norm)
         with _building(component, key, norm, "MODEL.FPN.OUT_CHANNELS"):
             cls_subnet, bbox_subnet = [], []
@@ -295,8 +375,10 @@ class D2NormsRetinaNetHead(RetinaNetHead):
                     subnet.extend(self._layer(resolved, in_channels, out_channels,
                                               input_activation))
                 input_activation = _next_input_activation(resolved)
-        self.cls_subnet = nn.Sequential(*cls_subnet)
-        self.bbox_subnet = nn.Sequential(*bbox_subnet)
+        per_level = any(isinstance(m, PerLevelNorm) for m in cls_subnet)
+        subnet_cls = PerLevelSubnet if per_level else nn.Sequential
+        self.cls_subnet = subnet_cls(*cls_subnet)
+        self.bbox_subnet = subnet_cls(*bbox_subnet)
         self.cls_score = nn.Conv2d(conv_dims[-1], num_anchors * num_classes, kernel_size=3,
                                    stride=1, padding=1)
         self.bbox_pred = nn.Conv2d(conv_dims[-1], num_anchors * 4, kernel_size=3, stride=1,
@@ -310,20 +392,91 @@ class D2NormsRetinaNetHead(RetinaNetHead):
         torch.nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
         _share_ws_if_any(self)
 
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        ret["norm_per_level"] = bool(cfg.MODEL.RETINANET.get("NORM_PER_LEVEL", False))
+        return ret
+
+    def forward(self, features: List[Tensor]):
+        """detectron2's ``RetinaNetHead.forward``; per-level subnets also get the level index.
+
+        Eager and traced: each subnet is called as a module (``subnet(x)``, or
+        ``subnet(x, level)`` for a :class:`PerLevelSubnet`), so its hooks run as in detectron2.
+        Scripted: the same layers in the same order, written out per layer (TorchScript resolves
+        the per-level slots statically).
+        """
+        assert len(features) == self._num_features
+        if not torch.jit.is_scripting():
+            return self._forward_eager(features)
+        logits = []
+        bbox_reg = []
+        for level, feature in enumerate(features):
+            x = feature
+            for layer in self.cls_subnet:
+                if hasattr(layer, "d2n_per_level"):  # PerLevelNorm (static in TorchScript)
+                    x = layer(x, level)
+                else:
+                    x = layer(x)
+            logits.append(self.cls_score(x))
+            x = feature
+            for layer in self.bbox_subnet:
+                if hasattr(layer, "d2n_per_level"):  # PerLevelNorm (static in TorchScript)
+                    x = layer(x, level)
+                else:
+                    x = layer(x)
+            bbox_reg.append(self.bbox_pred(x))
+        return logits, bbox_reg
+
+    @torch.jit.unused
+    def _forward_eager(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        per_level = isinstance(self.cls_subnet, PerLevelSubnet)
+        logits = []
+        bbox_reg = []
+        for level, feature in enumerate(features):
+            if per_level:
+                logits.append(self.cls_score(self.cls_subnet(feature, level)))
+                bbox_reg.append(self.bbox_pred(self.bbox_subnet(feature, level)))
+            else:
+                logits.append(self.cls_score(self.cls_subnet(feature)))
+                bbox_reg.append(self.bbox_pred(self.bbox_subnet(feature)))
+        return logits, bbox_reg
+
+    def _per_level(self, build):
+        """``PerLevelNorm`` of ``build()`` once per level (None when ``build()`` gives None)."""
+        first = build()
+        if first is None:
+            return None
+        return PerLevelNorm([first] + [build() for _ in range(self._num_features - 1)])
+
     def _layer(self, resolved: ResolvedNorm, in_channels, out_channels, input_activation):
         conv = resolved.conv(in_channels, out_channels, 3, stride=1, padding=1, bias=True,
                              input_activation=input_activation, plain_cls=nn.Conv2d)
         if not resolved.has_norm:
             return [conv, resolved.activation(out_channels) or nn.Identity()]
         if resolved.fuses_activation and resolved.conv_kind != "scaled_ws":
-            return [conv, resolved.norm_with_activation(out_channels), nn.Identity()]
+            if self._norm_per_level:
+                norm = self._per_level(lambda: resolved.norm_with_activation(out_channels))
+            else:
+                norm = resolved.norm_with_activation(out_channels)
+            return [conv, norm, nn.Identity()]
         norm = self._subnet_norm(resolved, out_channels)
         act = resolved.activation(out_channels)
+        if (self._norm_per_level and act is not None
+                and any(True for _ in act.parameters())):
+            # e.g. a TLU registered apart from its norm: its tau belongs to the normalizer
+            acts = [act] + [resolved.activation(out_channels)
+                            for _ in range(self._num_features - 1)]
+            act = PerLevelNorm(acts)
         return [conv, norm if norm is not None else nn.Identity(),
                 act if act is not None else nn.Identity()]
 
     def _subnet_norm(self, resolved: ResolvedNorm, channels: int):
-        """The norm of one subnet layer: shared by all levels, per-level BN statistics."""
+        """The norm of one subnet layer (None: no norm module, e.g. NF). ``norm_per_level``:
+        one whole norm per level (:class:`PerLevelNorm`); otherwise one shared by all levels,
+        with per-level BN / SyncBN statistics (``CycleBatchNormList``, detectron2's)."""
+        if self._norm_per_level:
+            return self._per_level(lambda: resolved.norm(channels))
         if resolved.name in PER_LEVEL_STATISTICS:
             return CycleBatchNormList(length=self._num_features, bn_class=resolved.spec.factory,
                                       num_features=channels)
