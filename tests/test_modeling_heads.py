@@ -494,6 +494,11 @@ def test_configs_select_registered_heads_and_stock_names_stay_stock(tmp_path, de
 def test_heads_of_every_r50_cell(detector, norm):
     cfg = shipped_cfg(f"COCO-scratch/{detector}_R_50_FPN_{norm}_2img.yaml")
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.NORM == norm
+    # Issue 13 item 7: RetinaNet cells with a norm module build one norm per pyramid level
+    # (tests/test_retinanet_per_level.py, test_model_signatures.py); here the shared layout is
+    # compared with detectron2's stock head, everything else as the cell sets it.
+    assert cfg.MODEL.RETINANET.NORM_PER_LEVEL == (detector == "retinanet" and norm != "NF")
+    cfg.MODEL.RETINANET.NORM_PER_LEVEL = False
     fpn = cfg.MODEL.FPN.OUT_CHANNELS
     for kind in head_kinds(cfg):
         head_norm = getattr(cfg.MODEL, HEAD_NORM_KEY[kind]).NORM

@@ -26,7 +26,8 @@ node                              becomes
                                   depth / out_features / stem taken over; from scratch:
                                   ``freeze_at=0``, stride in the 3x3 conv
 ``backbone.top_block``            RetinaNet: ``NormLastLevelP6P7`` (activation of the FPN norm)
-``head`` (RetinaNet)              ``D2NormsRetinaNetHead``; ``_target_`` -> ``D2NormsRetinaNet``
+``head`` (RetinaNet)              ``D2NormsRetinaNetHead`` (``norm_per_level`` as the cells:
+                                  one norm per pyramid level); ``_target_`` -> ``D2NormsRetinaNet``
 ``proposal_generator.head``       ``D2NormsRPNHead`` (norm "NF" for NF, else none)
 ``roi_heads.box_head``            ``D2NormsConvFCHead``, 4conv1fc (GN paper's head) when
                                   ``box_head_convs=4`` (the default)
@@ -127,6 +128,9 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4):
             in_feature=top.get("in_feature", "res5"), norm=fields["MODEL.FPN.NORM"])
         model.head._target_ = D2NormsRetinaNetHead
         model.head.norm = fields["MODEL.RETINANET.NORM"]
+        # one norm per pyramid level where the recipe's RetinaNet cells have one (issue 13 item 7)
+        model.head.norm_per_level = bool(recipes.extra_fields(detector, norm).get(
+            "MODEL.RETINANET.NORM_PER_LEVEL", False))
         return model
     model.proposal_generator.head._target_ = D2NormsRPNHead
     model.proposal_generator.head.norm = fields.get("MODEL.RPN.NORM", "")

@@ -17,9 +17,9 @@ Each head resolves its norm name once (:func:`d2_norms.layers.conv_norm_act.reso
 builds, from the start, the conv the norm needs (WS for GNWS, Scaled WS for NF, with gamma = the
 gain of the nonlinearity feeding it: 1 for FPN / ROI features, ReLU's after a ReLU) and the
 norm's paired activation (fused FRN + TLU for FRN, ReLU otherwise). Forward passes, config keys
-and parameter names are detectron2's, so checkpoints of the same models built from the stock
-heads (and ``d2_norms.layers.adapt_norms``) load unchanged. Each is a subclass of its detectron2
-original that does not run the original's constructor.
+and parameter names are detectron2's, so checkpoints of detectron2's stock heads with the same
+norm (and of d2_norms models from before these heads existed) load unchanged. Each is a
+subclass of its detectron2 original that does not run the original's constructor.
 
 A norm a head cannot build is refused when the head is built (:class:`HeadNormError`, naming
 the head, the config key and what to use instead).
