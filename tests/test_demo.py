@@ -36,6 +36,42 @@ def test_format_table_rows_and_missing_values():
     assert lines[2].startswith("| bbox | 43.4 | 74.8 | nan |") and len(lines) == 3
 
 
+def test_demo_picture_is_a_png_of_the_expected_size(tmp_path):
+    """The picture `make demo` writes, drawn by the demo's own function from a checkpoint of a
+    tiny (untrained) model of the demo's config on the tiny set: a PNG of picture_size(), the
+    ground-truth column with the annotations drawn on the image."""
+    import numpy as np
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image
+
+    from d2_norms.engine.defaults import argument_parser, setup_cfg
+    from d2_norms.engine.trainer import Trainer
+
+    cfg = setup_cfg(argument_parser().parse_args(
+        ["--config-file", demo.DEFAULT_CONFIG, "DATASETS.TEST", "('synthetic_shapes_tiny_val',)",
+         "MODEL.ROI_HEADS.NUM_CLASSES", "3", "INPUT.MIN_SIZE_TEST", "64",
+         "INPUT.MAX_SIZE_TEST", "64", "MODEL.DEVICE", "cpu",
+         "TEST.DETECTIONS_PER_IMAGE", "3"]), log=False)
+    torch.manual_seed(0)
+    weights = tmp_path / "model_final.pth"
+    DetectionCheckpointer(Trainer.build_model(cfg), save_dir=str(tmp_path)).save("model_final")
+    path = demo.predictions_picture(cfg, str(weights), str(tmp_path / "pic" / "p.png"),
+                                    num_images=2, scale=2, score_threshold=0.0)
+    assert path == str(tmp_path / "pic" / "p.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape[:2] == demo.picture_size((64, 64), 2, scale=2) == (28 + 2 * 128, 256)
+    # the first row's left panel is the first image with objects, drawn over (not bare)
+    first = next(d for d in DatasetCatalog.get("synthetic_shapes_tiny_val") if d["annotations"])
+    bare = np.kron(read_image(first["file_name"], format="RGB"), np.ones((2, 2, 1)))
+    truth = picture[28:28 + 128, :128].astype(float)
+    assert truth.shape == bare.shape and np.abs(truth - bare).mean() > 1.0
+
+
 @pytest.mark.slow
 def test_demo_script_runs_and_reports_the_verdict(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -55,3 +91,7 @@ def test_demo_script_runs_and_reports_the_verdict(tmp_path, capsys):
     assert f"box AP50 {ap50:.1f}" in text and f"outputs: {out}" in text
     assert "| segm |" in text
     assert (out / "model_final.pth").exists() and (out / "results.json").exists()
+    # the picture of predictions next to ground truth, its path printed
+    picture = out / demo.PICTURE_FILE
+    assert f"picture: {picture}" in text and summary["picture"] == str(picture)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,18 +12,39 @@ Runs go to output/COCO-scratch/<config name>; a finished run (run_status.json "f
 skipped and an interrupted one is resumed, so the command can simply be started again.
 Needs COCO under $DETECTRON2_DATASETS. Other GPU counts keep the images per GPU and rescale lr
 and iterations (see d2_norms/recipes.py).
+
+    python tools/reproduce.py synthetic-study --jobs 2 --threads 1   # the study, ~2.5 h on 2 cores
+    python tools/reproduce.py synthetic-study --dry-run              # only print the commands
+
+synthetic-study trains from scratch on the synthetic shapes set (128 px, 3 classes) Mask R-CNN
+R18-FPN with BN, GN, GNWS, FRN and NF and RetinaNet R18-FPN with BN, GN and FRN, each at 1, 2, 4
+and 8 images per batch, each run one process (images per GPU = images per batch; --jobs runs
+that many cells side by side, --threads sets each one's OMP threads), following the FRN
+paper's protocol scaled down: every batch size sees the same number of images (epochs), lr is
+scaled linearly with the batch, warm-up, lr steps and checkpoints are measured in images, one seed
+for every cell (rules: study_schedule below; sizing: docs/study_synthetic.md). Runs go to
+output/synthetic-study/<detector>_R18_FPN_<norm>_<n>img; finished runs are skipped, interrupted
+ones resumed, a diverged run (train_net exit 1, run_status.json "failed" with a non-finite loss or
+weight) is a result: recorded as diverged (study_cells.json), shown as failed in the table, never
+retried. Then tools/ap_table.py writes the tables (output/synthetic-study/ap_table.md) and
+tools/plot_ap.py the plot docs/study_synthetic.png (box AP against images per batch).
 """
 import argparse
+import glob
 import json
 import os
 import shlex
 import subprocess
 import sys
+import time
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from d2_norms.recipes import PAPER_TABLES, config_name  # noqa: E402
+
+SYNTHETIC_STUDY = "synthetic-study"
 
 
 def run_dir(name: str) -> str:
@@ -39,8 +60,14 @@ def state_of(directory: str) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if SYNTHETIC_STUDY in argv:
+        argv.remove(SYNTHETIC_STUDY)
+        return study_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("table", choices=sorted(PAPER_TABLES))
+    parser.add_argument("table", choices=sorted(PAPER_TABLES) + [SYNTHETIC_STUDY],
+                        help=f"a paper table, or {SYNTHETIC_STUDY} (own options: "
+                        f"{SYNTHETIC_STUDY} --help)")
     parser.add_argument("--num-gpus", type=int, default=8)
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("opts", nargs="*", help="config overrides for every run: KEY VALUE ...")
@@ -71,6 +98,406 @@ def main(argv=None) -> int:
     table = [sys.executable, os.path.join(REPO, "tools", "ap_table.py"), "--paper", *dirs]
     print(("[dry-run] " if args.dry_run else "") + shlex.join(table))
     return 0 if args.dry_run else subprocess.call(table)
+
+
+# ============================================================================ synthetic-study
+# The batch-size study on the synthetic shapes set (docs/study_synthetic.md: sizing, timings).
+STUDY_ROOT = os.path.join(REPO, "output", "synthetic-study")
+STUDY_PLOT = os.path.join(REPO, "docs", "study_synthetic.png")
+STUDY_STATUS_FILE = "study_cells.json"
+STUDY_TABLE_FILE = "ap_table.md"
+STUDY_CONSOLE_FILE = "console.txt"  # a run's console output with --jobs > 1
+STUDY_BATCHES = (1, 2, 4, 8)
+# Every image count of the schedule is a multiple of the largest batch, so that every batch size
+# sees exactly the same number of images (iterations x batch), warms up and steps after exactly
+# the same images; it does not depend on which cells a command selects.
+STUDY_IMAGE_QUANTUM = 8
+# Images seen by every cell: STUDY_EPOCHS x the 1000 training images (a nominal epoch: the
+# loader drops the ~10% images without objects, so one pass over the usable images is ~900).
+# Sized so that the 32 runs fit ~3.5 h on 2 cores (measurements: docs/study_synthetic.md).
+STUDY_EPOCHS = 1.0
+# lr = STUDY_REFERENCE_LR x batch / STUDY_REFERENCE_BATCH (linear scaling; `make demo`'s 0.02
+# at 4 images, for both detectors).
+STUDY_REFERENCE_BATCH = 4
+STUDY_REFERENCE_LR = 0.02
+STUDY_WARMUP_IMAGES = 200  # the demo's 50 iterations x 4 images
+STUDY_CHECKPOINT_IMAGES = 400  # resume granularity; intermediate checkpoints pruned at the end
+STUDY_PRECISE_BN_IMAGES = 200  # PreciseBN (BN Mask R-CNN, d2_norms.recipes) re-estimates on these
+STUDY_SEED = 1
+STUDY_TRAIN_SET = "synthetic_shapes_train"
+STUDY_TEST_SET = "synthetic_shapes_val"
+DIVERGED_ERRORS = ("NonFiniteLossError", "NonFiniteWeightsError")
+
+
+class StudyDetector(NamedTuple):
+    config: str  # base config, relative to the repository
+    norms: Tuple[str, ...]
+    lr_scheduler: str
+    warmup_method: str
+    step_fractions: Tuple[float, ...]  # lr x0.1 after these fractions of the images
+    fixed: Tuple[Tuple[str, object], ...]  # further settings of every cell of the detector
+
+
+STUDY_DETECTORS: Dict[str, StudyDetector] = {
+    # GN paper's Mask R-CNN schedule as `make demo` (steps after 75% and 92.5%, linear warm-up);
+    # 64 sampled ROIs per image as the demo (at most 4 objects per image; 1.49 -> 0.92 s/it).
+    "mask_rcnn": StudyDetector(
+        "configs/synthetic/mask_rcnn_R18_FPN_GN.yaml", ("BN", "GN", "GNWS", "FRN", "NF"),
+        "WarmupMultiStepLR", "linear", (0.75, 0.925),
+        (("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64),)),
+    # FRN paper sec. 4.1 / 4.3: cosine decay to 0, cosine warm-up ramp.
+    "retinanet": StudyDetector(
+        "configs/synthetic/retinanet_R18_FPN_GN.yaml", ("BN", "GN", "FRN"),
+        "WarmupCosineLR", "cosine", (), ()),
+}
+# Every normalization key of each detector: the study sets all of them on every command line.
+STUDY_NORM_KEYS = {
+    "mask_rcnn": ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.RPN.NORM",
+                  "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"),
+    "retinanet": ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.RETINANET.NORM"),
+}
+
+
+class StudyCell(NamedTuple):
+    detector: str
+    norm: str
+    ims: int  # images per batch (one process: images per GPU)
+
+    @property
+    def name(self) -> str:
+        return f"{self.detector}_R18_FPN_{self.norm}_{self.ims}img"
+
+
+def study_cells(detectors: Optional[Sequence[str]] = None, norms: Optional[Sequence[str]] = None,
+                batches: Optional[Sequence[int]] = None) -> List[StudyCell]:
+    """The cells in run order (detector, batch, normalizer); ``None`` selects all."""
+    detectors = list(detectors or STUDY_DETECTORS)
+    batches = list(batches or STUDY_BATCHES)
+    for d in detectors:
+        if d not in STUDY_DETECTORS:
+            raise ValueError(f"unknown detector {d!r}; the study has {sorted(STUDY_DETECTORS)}")
+    for b in batches:
+        if b not in STUDY_BATCHES:
+            raise ValueError(f"images per batch {b} is not one of the study's {STUDY_BATCHES}")
+    if norms:
+        known = {n for d in detectors for n in STUDY_DETECTORS[d].norms}
+        unknown = [n for n in norms if n not in known]
+        if unknown:
+            raise ValueError(f"normalizer(s) {unknown} not in the study of {detectors} "
+                             f"({sorted(known)})")
+    return [StudyCell(d, n, b) for d in detectors for b in batches
+            for n in STUDY_DETECTORS[d].norms if not norms or n in norms]
+
+
+def study_images(epochs: float, train_images: int) -> int:
+    """Images every cell trains on: epochs x training images, a multiple of the largest batch."""
+    images = epochs * train_images
+    if epochs <= 0 or abs(images - round(images)) > 1e-6 or round(images) % STUDY_IMAGE_QUANTUM:
+        q = STUDY_IMAGE_QUANTUM
+        near = max(q, round(images / q) * q)
+        raise ValueError(
+            f"{epochs:g} epochs of {train_images} images = {images:g} images: the study needs a "
+            f"positive multiple of {q} (the largest batch) so that every batch size sees the "
+            f"same images; e.g. --epochs {near / train_images:g} ({near} images)")
+    return int(round(images))
+
+
+def _images_to_iters(images: int, ims: int, what: str) -> int:
+    if images % ims:
+        raise ValueError(f"{what}: {images} images is not a whole number of batches of {ims}")
+    return images // ims
+
+
+def study_schedule(detector: str, ims: int, images: int,
+                   warmup_images: int = STUDY_WARMUP_IMAGES) -> Dict[str, object]:
+    """SOLVER values of one cell: the same images, warm-up images, lr-step images and checkpoint
+    images at every batch size, lr linear in the batch."""
+    spec = STUDY_DETECTORS[detector]
+    q = STUDY_IMAGE_QUANTUM
+    # (a short test schedule may round two steps onto one image count, or onto 0: kept once /
+    # dropped, as a scheduler needs increasing milestones inside the run)
+    step_images = sorted({int(f * images) // q * q for f in spec.step_fractions} - {0})
+    return {
+        "SOLVER.IMS_PER_BATCH": ims,
+        "SOLVER.REFERENCE_WORLD_SIZE": 0,  # one process, no auto-scaling
+        "SOLVER.BASE_LR": STUDY_REFERENCE_LR * ims / STUDY_REFERENCE_BATCH,
+        "SOLVER.MAX_ITER": _images_to_iters(images, ims, "training"),
+        "SOLVER.LR_SCHEDULER_NAME": spec.lr_scheduler,
+        "SOLVER.STEPS": tuple(_images_to_iters(s, ims, "lr step") for s in step_images),
+        "SOLVER.WARMUP_METHOD": spec.warmup_method,
+        "SOLVER.WARMUP_ITERS": _images_to_iters(warmup_images, ims, "warm-up"),
+        "SOLVER.CHECKPOINT_PERIOD": max(1, STUDY_CHECKPOINT_IMAGES // ims),
+    }
+
+
+def study_norm_settings(detector: str, norm: str) -> Dict[str, object]:
+    """Every NORM key of the detector (d2_norms.recipes.norm_fields; the RPN head unnormalized
+    except for NF) and the recipe's per-normalizer extras: AGC for NF, PreciseBN for BN Mask
+    R-CNN (d2_norms.recipes.extra_fields; its COCO input sizes are not taken)."""
+    from d2_norms.recipes import extra_fields, norm_fields
+
+    fields = {key: "" for key in STUDY_NORM_KEYS[detector]}
+    fields.update(norm_fields(detector, norm))
+    if set(fields) != set(STUDY_NORM_KEYS[detector]):
+        raise AssertionError(f"norm keys {sorted(fields)} != {STUDY_NORM_KEYS[detector]}")
+    fields.update({k: v for k, v in extra_fields(detector, norm).items()
+                   if not k.startswith("INPUT.")})
+    return fields
+
+
+def study_overrides(cell: StudyCell, images: int, output_dir: str, *,
+                    warmup_images: int = STUDY_WARMUP_IMAGES, seed: int = STUDY_SEED,
+                    device: str = "cpu", train_set: str = STUDY_TRAIN_SET,
+                    test_set: str = STUDY_TEST_SET) -> Dict[str, object]:
+    """KEY -> value of one cell's command line, in order."""
+    flat: Dict[str, object] = {}
+    flat.update(study_norm_settings(cell.detector, cell.norm))
+    flat.update(dict(STUDY_DETECTORS[cell.detector].fixed))
+    flat.update(study_schedule(cell.detector, cell.ims, images, warmup_images))
+    if flat.get("TEST.PRECISE_BN.ENABLED"):  # statistics re-estimated on the same images
+        flat["TEST.PRECISE_BN.NUM_ITER"] = _images_to_iters(STUDY_PRECISE_BN_IMAGES, cell.ims,
+                                                            "PreciseBN")
+    flat["SEED"] = seed
+    flat["MODEL.DEVICE"] = device
+    flat["DATASETS.TRAIN"] = (train_set,)
+    flat["DATASETS.TEST"] = (test_set,)
+    flat["OUTPUT_DIR"] = output_dir
+    return flat
+
+
+def format_override(value) -> str:
+    """A value as detectron2's merge_from_list reads it back (literal_eval, else the string)."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(float(f"{value:.10g}"))
+    if isinstance(value, tuple):
+        inner = ", ".join(repr(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return str(value)
+
+
+def study_command(cell: StudyCell, overrides: Dict[str, object], resume: bool,
+                  extra_opts: Sequence[str] = ()) -> List[str]:
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "1",
+           "--config-file", os.path.join(REPO, STUDY_DETECTORS[cell.detector].config)]
+    if resume:
+        cmd.append("--resume")
+    for key, value in overrides.items():
+        cmd += [key, format_override(value)]
+    return cmd + list(extra_opts)
+
+
+def read_run_status(directory: str) -> Dict:
+    try:
+        with open(os.path.join(directory, "run_status.json")) as f:
+            status = json.load(f)
+        return status if isinstance(status, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cell_state(directory: str) -> str:
+    """"new", "running" (or killed), "failed", "diverged" (failed on a non-finite loss or
+    weights: a result of the study) or "finished"."""
+    status = read_run_status(directory)
+    state = status.get("state", "new")
+    if state == "failed" and str(status.get("error", "")).startswith(DIVERGED_ERRORS):
+        return "diverged"
+    return state if state in ("running", "failed", "finished") else "new"
+
+
+def prune_checkpoints(directory: str) -> List[str]:
+    """Remove the intermediate model_<iter>.pth of a finished run (model_final.pth stays)."""
+    if not os.path.exists(os.path.join(directory, "model_final.pth")):
+        return []
+    removed = sorted(glob.glob(os.path.join(directory, "model_[0-9]*.pth")))
+    for path in removed:
+        os.remove(path)
+    return removed
+
+
+def _start(cmd: List[str], env: Optional[Dict[str, str]], log: Optional[str]):
+    """Start one training process (console output to ``log`` when given)."""
+    if log is None:
+        return subprocess.Popen(cmd, env=env)
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait_any(running: List[Tuple]) -> Tuple:
+    """Remove and return the first (process, ...) of ``running`` to finish."""
+    while True:
+        for i, item in enumerate(running):
+            if item[0].poll() is not None:
+                return running.pop(i)
+        if len(running) == 1:
+            running[0][0].wait()
+        else:
+            time.sleep(1.0)
+
+
+def train_set_size(name: str) -> int:
+    from detectron2.data import MetadataCatalog
+
+    import d2_norms.data  # noqa: F401  (registers the synthetic sets)
+
+    spec = getattr(MetadataCatalog.get(name), "synthetic_spec", None)
+    if not spec:
+        raise ValueError(f"{name} is not a registered synthetic set: give --train-images")
+    return int(spec["num_images"])
+
+
+def _write_study_status(root: str, outcomes: Dict[str, Dict]) -> None:
+    from d2_norms.fileio import atomic_write_text
+
+    atomic_write_text(os.path.join(root, STUDY_STATUS_FILE),
+                      json.dumps(outcomes, indent=2, sort_keys=True) + "\n")
+
+
+def _read_study_status(root: str) -> Dict[str, Dict]:
+    try:
+        with open(os.path.join(root, STUDY_STATUS_FILE)) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def study_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"reproduce.py {SYNTHETIC_STUDY}",
+        description="The batch-size study on the synthetic shapes set (see the module docstring).")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--detectors", nargs="+", choices=sorted(STUDY_DETECTORS),
+                        help="default: both")
+    parser.add_argument("--norms", nargs="+", help="default: each detector's normalizers")
+    parser.add_argument("--batches", nargs="+", type=int, help=f"default: {STUDY_BATCHES}")
+    parser.add_argument("--epochs", type=float, default=STUDY_EPOCHS,
+                        help="images per cell = epochs x training images "
+                        f"(default {STUDY_EPOCHS:g})")
+    parser.add_argument("--warmup-images", type=int, default=STUDY_WARMUP_IMAGES)
+    parser.add_argument("--seed", type=int, default=STUDY_SEED)
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE (default cpu)")
+    parser.add_argument("--train-set", default=STUDY_TRAIN_SET)
+    parser.add_argument("--test-set", default=STUDY_TEST_SET)
+    parser.add_argument("--train-images", type=int,
+                        help="size of --train-set (default: read from its registration)")
+    parser.add_argument("--output-root", default=STUDY_ROOT)
+    parser.add_argument("--plot", help=f"the PNG (default {os.path.relpath(STUDY_PLOT, REPO)} "
+                        "for the default --output-root, else OUTPUT_ROOT/study_synthetic.png)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP/MKL threads of each training process (default 0: torch's "
+                        "default, one per core); 1 on a machine other work shares: 2 threads on "
+                        "2 busy cores ran ~10x slower than 1 (docs/study_synthetic.md)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained at once, each its own process (default 1); with "
+                        "--threads 1, --jobs 2 keeps both cores busy without two threads "
+                        "fighting for one core (docs/study_synthetic.md)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep the intermediate model_<iter>.pth of finished runs")
+    parser.add_argument("opts", nargs="*", help="further overrides for every run: KEY VALUE ...")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cells = study_cells(args.detectors, args.norms, args.batches)
+        train_images = args.train_images or train_set_size(args.train_set)
+        images = study_images(args.epochs, train_images)
+        for cell in cells:  # every schedule is valid before anything runs
+            study_schedule(cell.detector, cell.ims, images, args.warmup_images)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    except ValueError as e:
+        parser.error(str(e))
+    root = os.path.abspath(args.output_root)
+    plot = args.plot or (STUDY_PLOT if root == os.path.abspath(STUDY_ROOT)
+                         else os.path.join(root, "study_synthetic.png"))
+    print(f"{SYNTHETIC_STUDY}: {len(cells)} runs, {images} images each ({args.epochs:g} epoch(s) "
+          f"of {args.train_set}), lr {STUDY_REFERENCE_LR:g} x batch / {STUDY_REFERENCE_BATCH}, "
+          f"warm-up {args.warmup_images} images, seed {args.seed}, {args.device}"
+          + (f" ({args.threads} thread(s))" if args.threads > 0 else "") + "; runs in "
+          f"{root}", flush=True)
+    outcomes = _read_study_status(root)
+    env = None
+    if args.threads > 0:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                   MKL_NUM_THREADS=str(args.threads))
+    prefix = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " if env else ""
+    dirs, queue = [], []
+    for cell in cells:
+        out = os.path.join(root, cell.name)
+        dirs.append(out)
+        state = cell_state(out)
+        if state == "finished":
+            print(f"[done]     {cell.name}")
+            continue
+        if state == "diverged":
+            print(f"[diverged] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
+                  "(a result; delete the directory to train it again)")
+            continue
+        cmd = study_command(cell, study_overrides(
+            cell, images, out, warmup_images=args.warmup_images, seed=args.seed,
+            device=args.device, train_set=args.train_set, test_set=args.test_set),
+            resume=state in ("running", "failed"), extra_opts=args.opts)
+        if args.dry_run:
+            print("[dry-run]  " + prefix + shlex.join(cmd), flush=True)
+        else:
+            queue.append((cell, out, cmd))
+
+    running, failed = [], None
+    while queue or running:
+        while queue and failed is None and len(running) < args.jobs:
+            cell, out, cmd = queue.pop(0)
+            log = None
+            if args.jobs > 1:  # several trainings at once: each one's console output to a file
+                os.makedirs(out, exist_ok=True)
+                log = os.path.join(out, STUDY_CONSOLE_FILE)
+            print("[train]    " + prefix + shlex.join(cmd)
+                  + (f"  > {os.path.relpath(log, root)}" if log else ""), flush=True)
+            running.append((_start(cmd, env, log), cell, out))
+        if not running:
+            break
+        proc, cell, out = _wait_any(running)
+        code = proc.returncode
+        state = cell_state(out)
+        outcomes[cell.name] = {"detector": cell.detector, "norm": cell.norm,
+                               "images_per_batch": cell.ims, "images": images,
+                               "threads": args.threads or "default", "jobs": args.jobs,
+                               "exit_code": code, "outcome": state}
+        _write_study_status(root, outcomes)
+        if code == 0 and state == "finished":
+            print(f"[finished] {cell.name}", flush=True)
+            if not args.keep_checkpoints:
+                prune_checkpoints(out)
+        elif code == 1 and state == "diverged":
+            print(f"[diverged] {cell.name}: {read_run_status(out).get('error', '')[:200]}; "
+                  "recorded, the study goes on", flush=True)
+        else:
+            print(f"error: {cell.name} failed (exit {code}, run state {state}); fix it and run "
+                  "this command again to resume"
+                  + (" (waiting for the runs in progress)" if running else ""), file=sys.stderr,
+                  flush=True)
+            failed = failed or code or 1
+    if failed is not None:
+        return failed
+    tools = os.path.join(REPO, "tools")
+    table_path = os.path.join(root, STUDY_TABLE_FILE)
+    table = [sys.executable, os.path.join(tools, "ap_table.py"), *dirs, "-o", table_path]
+    figure = [sys.executable, os.path.join(tools, "plot_ap.py"), *dirs, "-o", plot]
+    if args.dry_run:
+        print("[dry-run]  " + shlex.join(table))
+        print("[dry-run]  " + shlex.join(figure))
+        return 0
+    code = subprocess.call(table)
+    if os.path.exists(table_path):
+        with open(table_path) as f:
+            sys.stdout.write(f.read())
+        print(f"table: {table_path}")
+    code = max(code, subprocess.call(figure))
+    diverged = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == "diverged"]
+    if diverged:
+        print(f"diverged ({len(diverged)}): {', '.join(diverged)}")
+    print(f"plot: {plot}")
+    return code
 
 
 if __name__ == "__main__":
