@@ -80,6 +80,7 @@ def train_cfg(detector, norm):
     ]
     if detector == "retinanet":
         opts += [
+            "MODEL.META_ARCHITECTURE", "D2NormsRetinaNet",  # its head built for the norm
             "MODEL.ANCHOR_GENERATOR.SIZES",
             [[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in (8, 16, 32, 64, 128)],
             "MODEL.RETINANET.NUM_CLASSES", 3,
@@ -91,6 +92,10 @@ def train_cfg(detector, norm):
     else:
         opts += [
             "MODEL.MASK_ON", True,
+            # d2_norms' heads, built for the norm (stock heads refuse FRN / GNWS / NF)
+            "MODEL.RPN.HEAD_NAME", "D2NormsRPNHead",
+            "MODEL.ROI_BOX_HEAD.NAME", "D2NormsConvFCHead",
+            "MODEL.ROI_MASK_HEAD.NAME", "D2NormsMaskHead",
             "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64], [128]],
             "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
             "MODEL.ROI_HEADS.NUM_CLASSES", 3,
