@@ -301,6 +301,9 @@ def _gloo_worker(local_rank, main_func, world_size, num_gpus_per_machine, machin
     comm.synchronize()
     try:
         main_func(*args)
+        # Tear the group down together: a rank destroying it while another still runs gloo
+        # work has aborted at exit ("terminate called without an active exception").
+        comm.synchronize()
     finally:
         dist.destroy_process_group()
 
