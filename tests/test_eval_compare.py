@@ -12,6 +12,7 @@ import pytest
 import d2_norms  # noqa: F401
 from detectron2.config import get_cfg
 
+from d2_norms.evaluation.plot import FAILED_LABEL
 from d2_norms.evaluation import (
     DuplicateRunsError,
     build_tables,
@@ -281,16 +282,24 @@ def test_plot_has_one_series_per_normalizer(runs, tmp_path):
     # runs: BN (only @2), GN (only @4: the @2 run is still running), FRN (@8, 4, 2; @1 failed)
     assert {k for k, s in series.items() if s.source == "runs"} == {"BN", "GN", "FRN"}
     assert series["FRN"].x == [8.0, 4.0, 2.0] and series["FRN"].y == [20.0, 19.5, 19.0]
-    assert series["GN"].x == [4.0]
+    assert series["FRN"].failed_x == [1.0]  # a failed cell is drawn as failed, not dropped ...
+    assert series["GN"].x == [4.0] and series["GN"].failed_x == []  # ... a running one is not
     assert series["BN"].y == [pytest.approx(statistics.mean([10.0, 12.5, 11.0]))]
     assert series["BN"].yerr == [pytest.approx(statistics.stdev([10.0, 12.5, 11.0]))]
     assert series["FRN [paper: FRN Table 6, R101-FPN]"].y == [39.6, 39.5, 39.1]
     # the matplotlib figure shows the same: legend entries, log2 x axis, large batches left
     ax = next(a for a in data.figure.axes if a.get_title().startswith("RetinaNet"))
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == [s.label for s in retina.series]
+    assert legend == [s.label for s in retina.series] + [FAILED_LABEL]
+    # the failed FRN cell: an x in FRN's colour at x=1 on the panel's floor, not a 0-AP point
+    frn_colour = next(c for c in ax.containers if c.get_label() == "FRN").lines[0].get_color()
+    marks = [ln for ln in ax.lines if ln.get_marker() == "x" and len(ln.get_xdata())]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [1.0]
+    assert marks[0].get_color() == frn_colour
+    assert list(marks[0].get_ydata()) == [ax.get_ylim()[0]]
+    assert ax.get_xlim()[0] > 8 and ax.get_xlim()[1] < 1  # the x axis includes the failed cell
     assert ax.get_xscale() == "log" and ax.get_xlim()[0] > ax.get_xlim()[1]
-    assert ax.get_xlabel() == "images per GPU" and ax.get_ylabel() == "COCO box AP"
+    assert ax.get_xlabel() == "images per GPU" and ax.get_ylabel() == "box AP (COCO metric)"
     styles = {c.get_label(): c.lines[0].get_linestyle() for c in ax.containers}
     assert set(styles) == set(series)
     assert all((style == "--") == ("[paper:" in label) for label, style in styles.items())

@@ -135,10 +135,12 @@ def test_every_command_follows_the_protocol(full_dry_run):
             assert int(kv["TEST.PRECISE_BN.NUM_ITER"]) * b == 200
         by_detector[detector].append(kv)
     assert len(seen) == 32
-    assert "ap_table.py" in lines[-2] and lines[-2].endswith(
+    assert "ap_table.py" in lines[-3] and lines[-3].endswith(
         "-o " + shlex.quote(os.path.join(str(root), "ap_table.md")))
-    assert "plot_ap.py" in lines[-1] and lines[-1].endswith(
+    assert "plot_ap.py" in lines[-2] and lines[-2].endswith(
         shlex.quote(os.path.join(str(root), "study_synthetic.png")))
+    assert "plot_ap.py" in lines[-1] and lines[-1].endswith(
+        shlex.quote(os.path.join(str(root), "study_synthetic_mask.png")) + " --task segm")
     # the default output root plots into docs/
     assert reproduce.STUDY_PLOT == os.path.join(REPO, "docs", "study_synthetic.png")
 
@@ -280,7 +282,10 @@ def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     assert "--resume" in started[0]
     assert not any("BN_1img" in " ".join(c) for c in started)
     assert len(started) == 5  # GN_2img, then the 4 and 8 image cells
-    assert [os.path.basename(c[1]) for c in reports] == ["ap_table.py", "plot_ap.py"]
+    # box AP, and mask AP for Mask R-CNN
+    assert [os.path.basename(c[1]) for c in reports] == ["ap_table.py", "plot_ap.py",
+                                                         "plot_ap.py"]
+    assert reports[2][-3:] == [str(tmp_path / "study_synthetic_mask.png"), "--task", "segm"]
     assert "diverged (1): mask_rcnn_R18_FPN_BN_1img" in capsys.readouterr().out
 
 

@@ -27,7 +27,8 @@ output/synthetic-study/<detector>_R18_FPN_<norm>_<n>img; finished runs are skipp
 ones resumed, a diverged run (train_net exit 1, run_status.json "failed" with a non-finite loss or
 weight) is a result: recorded as diverged (study_cells.json), shown as failed in the table, never
 retried. Then tools/ap_table.py writes the tables (output/synthetic-study/ap_table.md) and
-tools/plot_ap.py the plot docs/study_synthetic.png (box AP against images per batch).
+tools/plot_ap.py the plots docs/study_synthetic.png (box AP against images per batch) and
+docs/study_synthetic_mask.png (Mask R-CNN's mask AP).
 """
 import argparse
 import glob
@@ -482,21 +483,26 @@ def study_main(argv: Sequence[str]) -> int:
     tools = os.path.join(REPO, "tools")
     table_path = os.path.join(root, STUDY_TABLE_FILE)
     table = [sys.executable, os.path.join(tools, "ap_table.py"), *dirs, "-o", table_path]
-    figure = [sys.executable, os.path.join(tools, "plot_ap.py"), *dirs, "-o", plot]
+    figures = [[sys.executable, os.path.join(tools, "plot_ap.py"), *dirs, "-o", plot]]
+    mask_plot = None
+    if any(c.detector == "mask_rcnn" for c in cells):  # mask AP too: GN Table 7's other half
+        mask_plot = os.path.splitext(plot)[0] + "_mask.png"
+        figures.append(figures[0][:-1] + [mask_plot, "--task", "segm"])
     if args.dry_run:
-        print("[dry-run]  " + shlex.join(table))
-        print("[dry-run]  " + shlex.join(figure))
+        for cmd in [table, *figures]:
+            print("[dry-run]  " + shlex.join(cmd))
         return 0
     code = subprocess.call(table)
     if os.path.exists(table_path):
         with open(table_path) as f:
             sys.stdout.write(f.read())
         print(f"table: {table_path}")
-    code = max(code, subprocess.call(figure))
+    for cmd in figures:
+        code = max(code, subprocess.call(cmd))
     diverged = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == "diverged"]
     if diverged:
         print(f"diverged ({len(diverged)}): {', '.join(diverged)}")
-    print(f"plot: {plot}")
+    print(f"plot: {plot}" + (f" (box AP), {mask_plot} (mask AP)" if mask_plot else ""))
     return code
 
 

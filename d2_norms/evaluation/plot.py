@@ -5,6 +5,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from .compare import TASK_LABELS, Table
 
 
+FAILED_LABEL = "run failed (e.g. diverged; AP table)"
+
+
 @dataclass
 class Series:
     label: str
@@ -13,6 +16,7 @@ class Series:
     y: List[float]  # mean AP
     yerr: List[float]  # sample std (0 for single runs / paper numbers)
     n: List[int]
+    failed_x: List[float] = field(default_factory=list)  # cells whose only runs failed (diverged)
 
 
 @dataclass
@@ -38,21 +42,26 @@ class PlotData:
 
 
 def collect_series(table: Table, task: str, metric: str) -> List[Series]:
-    """One series per row: the finished (or published) cells with a numeric images-per-GPU."""
+    """One series per row: the finished (or published) cells with a numeric images-per-GPU, and
+    the images-per-GPU whose runs all failed (a diverged cell is a result, drawn as such)."""
     out = []
     for row in table.rows:
-        xs, ys, errs, ns = [], [], [], []
+        xs, ys, errs, ns, failed = [], [], [], [], []
         for ipg in sorted((g for g in table.images_per_gpu if isinstance(g, (int, float))),
                           reverse=True):
             cell = row.cells.get((task, metric, ipg))
-            if cell is None or cell.mean is None:
+            if cell is None:
+                continue
+            if cell.mean is None:
+                if "failed" in cell.pending:
+                    failed.append(float(ipg))
                 continue
             xs.append(float(ipg))
             ys.append(cell.mean)
             errs.append(cell.std or 0.0)
             ns.append(cell.n)
-        if xs:
-            out.append(Series(row.label, row.source, xs, ys, errs, ns))
+        if xs or failed:
+            out.append(Series(row.label, row.source, xs, ys, errs, ns, failed))
     return out
 
 
@@ -63,7 +72,8 @@ def plot_ap_vs_images_per_gpu(tables: Sequence[Table], out_path: Optional[str], 
 
     x: images per GPU on a log2 axis, largest on the left as in the papers' figures; y: the
     metric; runs as solid lines (error bars = sample std when a cell has several runs), paper
-    rows dashed. Returns the plotted data and the figure (closed after saving when out_path).
+    rows dashed; a cell whose runs failed (e.g. diverged) as an x on the panel's floor in its
+    row's colour. Returns the plotted data and the figure (closed after saving when out_path).
     """
     import matplotlib
 
@@ -86,12 +96,25 @@ def plot_ap_vs_images_per_gpu(tables: Sequence[Table], out_path: Optional[str], 
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        xs_all = sorted({x for s in panel.series for x in s.x})
+        xs_all = sorted({x for s in panel.series for x in s.x + s.failed_x})
+        failed_marks = []
         for s in panel.series:
             paper = s.source != "runs"
-            ax.errorbar(s.x, s.y, yerr=s.yerr if any(s.yerr) else None, label=s.label,
-                        linestyle="--" if paper else "-", marker="s" if paper else "o",
-                        markerfacecolor="none" if paper else None, capsize=3, linewidth=1.5)
+            bars = ax.errorbar(s.x, s.y, yerr=s.yerr if any(s.yerr) else None, label=s.label,
+                               linestyle="--" if paper else "-", marker="s" if paper else "o",
+                               markerfacecolor="none" if paper else None, capsize=3,
+                               linewidth=1.5)
+            if s.failed_x:
+                failed_marks.append((s.failed_x, bars.lines[0].get_color()))
+        if failed_marks:
+            # Drawn after the lines so that the floor is known; off the data, never a fake 0 AP.
+            floor = min(ax.get_ylim()[0], 0.0)
+            ax.set_ylim(bottom=floor)
+            for xs, color in failed_marks:
+                ax.plot(xs, [floor] * len(xs), linestyle="none", marker="x", markersize=9,
+                        markeredgewidth=2, color=color, clip_on=False)
+            ax.plot([], [], linestyle="none", marker="x", markeredgewidth=2, color="black",
+                    label=FAILED_LABEL)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(xs_all))
         ax.xaxis.set_minor_locator(NullLocator())
@@ -101,10 +124,12 @@ def plot_ap_vs_images_per_gpu(tables: Sequence[Table], out_path: Optional[str], 
         else:
             ax.set_xlim(xs_all[0] * 2, xs_all[0] / 2)
         ax.set_xlabel("images per GPU")
-        ax.set_ylabel(f"COCO {TASK_LABELS[panel.task]} {panel.metric}")
+        ax.set_ylabel(f"{TASK_LABELS[panel.task]} {panel.metric} (COCO metric)")
         ax.set_title(panel.title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        handles, labels = ax.get_legend_handles_labels()  # matplotlib lists plain lines first
+        order = sorted(range(len(labels)), key=lambda i: labels[i] == FAILED_LABEL)
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="best")
     fig.tight_layout()
     if out_path:
         import os
