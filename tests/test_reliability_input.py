@@ -309,3 +309,23 @@ def test_flags_after_the_config_overrides_are_not_merged_into_the_config():
                       "SOLVER.BASE_LR", "-1", "--num-gpus", "2"])
     assert args.eval_only and args.num_gpus == 2
     assert args.opts == ["MODEL.WEIGHTS", "w.pth", "SOLVER.BASE_LR", "-1"]
+
+
+def test_parser_takes_every_detectron2_flag_with_detectron2s_meaning():
+    """argument_parser is detectron2's default_argument_parser (as `parents`) plus one flag: a
+    command line written for detectron2's tools parses to the same values here."""
+    from detectron2.engine import default_argument_parser
+
+    from d2_norms.engine.defaults import argument_parser
+
+    stock, ours = default_argument_parser(), argument_parser()
+    stock_flags = {s for a in stock._actions for s in a.option_strings}
+    ours_flags = {s for a in ours._actions for s in a.option_strings}
+    assert ours_flags - stock_flags == {"--allow-partial-weights"}
+    assert stock_flags <= ours_flags
+    argv = ["--config-file", CONFIG, "--resume", "--eval-only", "--num-gpus", "2",
+            "--num-machines", "1", "--machine-rank", "0", "--dist-url", "tcp://127.0.0.1:1234",
+            "SOLVER.BASE_LR", "0.1"]
+    want, got = vars(stock.parse_args(argv)), vars(ours.parse_args(argv))
+    assert {k: got[k] for k in want} == want
+    assert got["allow_partial_weights"] is False
