@@ -19,6 +19,7 @@ from d2_norms.evaluation import (
     collect_runs,
     format_csv,
     format_markdown,
+    parse_columns,
     plot_ap_vs_images_per_gpu,
     save_results,
     tables_to_json,
@@ -268,6 +269,34 @@ def test_ap_table_cli(runs, tmp_path, capsys, load_tool):
     assert ap_table.main([str(root), "--csv", "--dataset", DATASET]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("dataset,detector,row,normalizer,source,images_per_gpu")
+
+
+def test_markdown_columns_select_blocks_in_the_given_order(runs, capsys, load_tool):
+    """FRN Table 6 layout with the columns a study reports (box AP/AP50/AP75 + mask AP): the
+    blocks asked for, in that order, each under every images-per-GPU, only where a table has
+    the task; a bad spec is a usage error."""
+    root, _ = runs
+    records, _ = collect_runs([str(root)])
+    tables = build_tables(records)
+    cols = parse_columns(["box:AP", "bbox:AP75", "mask:AP"])
+    assert cols == [("bbox", "AP"), ("bbox", "AP75"), ("segm", "AP")]
+    md = format_markdown(tables, columns=cols)
+    assert "| normalizer | box AP@2 | box AP75@2 | mask AP@2 |" in md
+    assert "| GN | 15.0 | 13.0 | 13.0 |" in md  # _metrics: AP75 = AP - 2
+    assert "| normalizer | AP@8 | AP@4 | AP@2 | AP@1 | AP75@8 | AP75@4 | AP75@2 | AP75@1 |" in md
+    assert "AP50" not in md and "mask AP by the COCO" not in md.split("### Mask R-CNN")[0]
+    only_mask = format_markdown(tables, columns=parse_columns(["mask:AP"]))
+    assert "none of the selected columns applies" in only_mask  # RetinaNet: boxes only
+    assert "| normalizer | mask AP@2 |" in only_mask
+    with pytest.raises(ValueError, match="'box:AP90'.*TASK:METRIC"):
+        parse_columns(["box:AP90"])
+    ap_table = load_tool("ap_table")
+    assert ap_table.main([str(root), "--columns", "box:AP", "mask:AP"]) == 0
+    assert "| normalizer | box AP@2 | mask AP@2 |" in capsys.readouterr().out
+    for bad in (["--columns", "keypoints:AP"], ["--columns", "box:AP", "--csv"]):
+        with pytest.raises(SystemExit) as info:
+            ap_table.main([str(root), *bad])
+        assert info.value.code == 2
 
 
 def test_plot_has_one_series_per_normalizer(runs, tmp_path):

@@ -26,6 +26,7 @@ from d2_norms.evaluation.compare import (
     collect_runs,
     format_csv,
     format_markdown,
+    parse_columns,
     tables_to_json,
 )
 
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--duplicates", choices=("mean", "error"), default="mean",
                    help="several finished runs in one cell: mean ± std (default) or fail")
     p.add_argument("--digits", type=int, default=1, help="decimals in Markdown (default 1)")
+    p.add_argument("--columns", nargs="+", metavar="TASK:METRIC",
+                   help="Markdown columns to show, in this order, under each images per GPU "
+                   "(default: box and mask AP, AP50, AP75), e.g. --columns box:AP box:AP50 "
+                   "box:AP75 mask:AP")
     p.add_argument("--plot", metavar="PNG", help="also plot AP vs images per GPU to this PNG")
     p.add_argument("--task", choices=("bbox", "segm"), default="bbox", help="task for --plot")
     p.add_argument("--metric", choices=("AP", "AP50", "AP75"), default="AP",
@@ -52,6 +57,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.runs and not args.paper:
         p.error("give at least one RUN_DIR (or --paper for the published rows alone)")
+    if args.columns is not None:
+        if args.csv or args.json:
+            p.error("--columns selects Markdown columns; --csv and --json hold every cell")
+        try:
+            args.columns = parse_columns(args.columns)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -78,7 +90,7 @@ def main(argv=None) -> int:
     elif args.csv:
         text = format_csv(tables)
     else:
-        text = format_markdown(tables, digits=args.digits)
+        text = format_markdown(tables, digits=args.digits, columns=args.columns)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)

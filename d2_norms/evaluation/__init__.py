@@ -25,6 +25,7 @@ from .compare import (
     format_csv,
     format_markdown,
     load_run,
+    parse_columns,
     tables_to_json,
 )
 from .paper_results import PAPER_TABLES
@@ -42,7 +43,7 @@ __all__ = [
     "BACKENDS", "COCO_METRICS", "CocoEvalOutput", "evaluate_coco_results", "load_coco_gt",
     "resolve_backend", "D2NormsCOCOEvaluator", "build_evaluator",
     "Cell", "DuplicateRunsError", "RunRecord", "Table", "build_tables", "collect_runs",
-    "format_csv", "format_markdown", "load_run", "tables_to_json", "PAPER_TABLES",
+    "format_csv", "format_markdown", "load_run", "parse_columns", "tables_to_json", "PAPER_TABLES",
     "plot_ap_vs_images_per_gpu", "RunFileError", "describe_run", "load_results",
     "load_run_status", "save_results", "write_run_status",
 ]

@@ -272,9 +272,15 @@ class Table:
     notes: List[str] = field(default_factory=list)
     metrics: Tuple[str, ...] = TABLE_METRICS
 
-    def columns(self) -> List[Tuple[str, str, Any]]:
-        """(task, metric, images per GPU) in the papers' order: metric blocks, ipg inside."""
-        return [(t, m, g) for t in self.tasks for m in self.metrics for g in self.images_per_gpu]
+    def columns(self, selected: Optional[Sequence[Tuple[str, str]]] = None
+                ) -> List[Tuple[str, str, Any]]:
+        """(task, metric, images per GPU) in the papers' order: metric blocks, ipg inside;
+        ``selected`` (task, metric) pairs keep those blocks, in that order, where the table has
+        the task."""
+        pairs = [(t, m) for t in self.tasks for m in self.metrics]
+        if selected is not None:
+            pairs = [(t, m) for t, m in selected if t in self.tasks]
+        return [(t, m, g) for t, m in pairs for g in self.images_per_gpu]
 
     def column_label(self, task: str, metric: str, ipg) -> str:
         prefix = f"{TASK_LABELS[task]} " if len(self.tasks) > 1 else ""
@@ -470,17 +476,40 @@ def _attach_paper_rows(tables: List[Table]) -> List[Table]:
 # ----------------------------------------------------------------------------- output formats
 
 
-def format_markdown(tables: Sequence[Table], digits: int = 1) -> str:
-    """The tables as Markdown, one section per dataset x detector, with notes under each."""
+def parse_columns(specs: Sequence[str]) -> List[Tuple[str, str]]:
+    """``["box:AP", "box:AP50", "mask:AP"]`` -> ``[("bbox", "AP"), ("bbox", "AP50"), ("segm",
+    "AP")]``; the task may be written box/mask or bbox/segm. ValueError names a bad entry."""
+    tasks = {**{t: t for t in TASK_LABELS}, **{label: t for t, label in TASK_LABELS.items()}}
+    out = []
+    for spec in specs:
+        task, _, metric = spec.partition(":")
+        if task not in tasks or metric not in TABLE_METRICS:
+            raise ValueError(
+                f"column {spec!r}: write TASK:METRIC with TASK one of {sorted(tasks)} and METRIC "
+                f"one of {list(TABLE_METRICS)}, e.g. box:AP mask:AP")
+        out.append((tasks[task], metric))
+    return out
+
+
+def format_markdown(tables: Sequence[Table], digits: int = 1,
+                    columns: Optional[Sequence[Tuple[str, str]]] = None) -> str:
+    """The tables as Markdown, one section per dataset x detector, with notes under each;
+    ``columns`` (from :func:`parse_columns`) keeps those (task, metric) blocks; a table with
+    none of them is left out with a line saying so."""
     if not tables:
         return "(no runs to tabulate)\n"
     parts = []
     for table in tables:
+        cols = table.columns(columns)
+        if not cols:
+            parts.append(f"(### {table.detector} — {table.dataset}: none of the selected "
+                         f"columns applies; it has {', '.join(table.tasks)})\n")
+            continue
         parts.append(f"### {table.detector} — {table.dataset}\n")
-        tasks = " and ".join(f"{TASK_LABELS[t]} AP" for t in table.tasks)
-        parts.append(f"COCO {tasks} (0-100); `@N` = N images per GPU; several runs in a cell: "
-                     "mean ± sample std (n runs).\n")
-        cols = table.columns()
+        shown = list(dict.fromkeys(t for t, _, _ in cols))
+        tasks = " and ".join(f"{TASK_LABELS[t]} AP" for t in shown)
+        parts.append(f"{tasks} by the COCO evaluation (0-100); `@N` = N images per GPU; several "
+                     "runs in a cell: mean ± sample std (n runs).\n")
         header = ["normalizer"] + [table.column_label(*c) for c in cols]
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "|".join(["---"] + ["---:"] * len(cols)) + "|")
