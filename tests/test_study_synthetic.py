@@ -289,6 +289,26 @@ def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     assert "diverged (1): mask_rcnn_R18_FPN_BN_1img" in capsys.readouterr().out
 
 
+def test_bn_without_batch_statistics_is_a_result_not_a_bug(tmp_path, monkeypatch, capsys):
+    """RetinaNet BN at one 128 px image: P7 is 1x1, so BN has one value per channel and torch
+    refuses. The study records that cell as "no batch statistics" and goes on; not retried."""
+    refused = ("failed", "ValueError: Expected more than 1 value per channel when training, "
+               "got input size torch.Size([1, 128, 1, 1])", 1)
+    started, reports, _ = fake_study(monkeypatch, {"_BN_1img": refused})
+    args = ["synthetic-study", "--detectors", "retinanet", "--output-root", str(tmp_path)]
+    assert reproduce.main(args) == 0
+    assert len(started) == 12 and len(reports) == 2  # every cell, then the table and box plot
+    status = json.loads((tmp_path / "study_cells.json").read_text())
+    assert status["retinanet_R18_FPN_BN_1img"]["outcome"] == "no batch statistics"
+    assert "no batch statistics (1): retinanet_R18_FPN_BN_1img" in capsys.readouterr().out
+    started.clear()
+    assert reproduce.main(args) == 0 and started == []  # kept as a result
+    # any other ValueError is a failure to fix
+    other = tmp_path / "other"
+    _status(other, state="failed", error="ValueError: a bug")
+    assert reproduce.cell_state(str(other)) == "failed"
+
+
 def test_jobs_train_cells_side_by_side_and_a_failure_lets_running_ones_finish(
         tmp_path, monkeypatch, capsys):
     started, reports, most = fake_study(

@@ -26,7 +26,8 @@ for every cell (rules: study_schedule below; sizing: docs/study_synthetic.md). R
 output/synthetic-study/<detector>_R18_FPN_<norm>_<n>img; finished runs are skipped, interrupted
 ones resumed, a diverged run (train_net exit 1, run_status.json "failed" with a non-finite loss or
 weight) is a result: recorded as diverged (study_cells.json), shown as failed in the table, never
-retried. Then tools/ap_table.py writes the tables (output/synthetic-study/ap_table.md) and
+retried; so is a BN run that cannot normalize a single value per channel ("no batch
+statistics": one image and a 1x1 feature map). Then tools/ap_table.py writes the tables (output/synthetic-study/ap_table.md) and
 tools/plot_ap.py the plots docs/study_synthetic.png (box AP against images per batch) and
 docs/study_synthetic_mask.png (Mask R-CNN's mask AP).
 """
@@ -128,6 +129,11 @@ STUDY_SEED = 1
 STUDY_TRAIN_SET = "synthetic_shapes_train"
 STUDY_TEST_SET = "synthetic_shapes_val"
 DIVERGED_ERRORS = ("NonFiniteLossError", "NonFiniteWeightsError")
+# BN given a single value per channel (one image and a 1x1 feature map, e.g. RetinaNet's P7 on
+# 128 px images): torch refuses to normalize. That is BN's batch dependence at its limit, a
+# result of the study like a divergence, not a bug to fix and resume.
+NO_BATCH_STATISTICS_ERRORS = ("ValueError: Expected more than 1 value per channel when training",)
+RESULT_STATES = ("diverged", "no batch statistics")
 
 
 class StudyDetector(NamedTuple):
@@ -305,6 +311,8 @@ def cell_state(directory: str) -> str:
     state = status.get("state", "new")
     if state == "failed" and str(status.get("error", "")).startswith(DIVERGED_ERRORS):
         return "diverged"
+    if state == "failed" and str(status.get("error", "")).startswith(NO_BATCH_STATISTICS_ERRORS):
+        return "no batch statistics"
     return state if state in ("running", "failed", "finished") else "new"
 
 
@@ -431,8 +439,8 @@ def study_main(argv: Sequence[str]) -> int:
         if state == "finished":
             print(f"[done]     {cell.name}")
             continue
-        if state == "diverged":
-            print(f"[diverged] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
+        if state in RESULT_STATES:
+            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
                   "(a result; delete the directory to train it again)")
             continue
         cmd = study_command(cell, study_overrides(
@@ -469,8 +477,8 @@ def study_main(argv: Sequence[str]) -> int:
             print(f"[finished] {cell.name}", flush=True)
             if not args.keep_checkpoints:
                 prune_checkpoints(out)
-        elif code == 1 and state == "diverged":
-            print(f"[diverged] {cell.name}: {read_run_status(out).get('error', '')[:200]}; "
+        elif code == 1 and state in RESULT_STATES:
+            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]}; "
                   "recorded, the study goes on", flush=True)
         else:
             print(f"error: {cell.name} failed (exit {code}, run state {state}); fix it and run "
@@ -499,9 +507,10 @@ def study_main(argv: Sequence[str]) -> int:
         print(f"table: {table_path}")
     for cmd in figures:
         code = max(code, subprocess.call(cmd))
-    diverged = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == "diverged"]
-    if diverged:
-        print(f"diverged ({len(diverged)}): {', '.join(diverged)}")
+    for result in RESULT_STATES:
+        names = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == result]
+        if names:
+            print(f"{result} ({len(names)}): {', '.join(names)}")
     print(f"plot: {plot}" + (f" (box AP), {mask_plot} (mask AP)" if mask_plot else ""))
     return code
 
