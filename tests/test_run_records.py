@@ -83,6 +83,12 @@ def test_running_or_unknown_runs_are_refused_and_nothing_is_written(tmp_path, lo
         err = capsys.readouterr().err
         assert reason in err and "nothing written" in err
         assert not dest.exists()
+    broken = make_run(tmp_path / "out", "broken")
+    with open(os.path.join(broken, "run_status.json"), "w") as f:
+        f.write('{"state": "runnin')  # cut off
+    assert tool.main([done, broken, "-o", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "run_status.json" in err and "nothing written" in err and not dest.exists()
     assert tool.main([done, running, "-o", str(dest), "--include-running"]) == 0
     assert sorted(os.listdir(dest)) == ["done", "running"]
 

@@ -27,9 +27,9 @@ output/synthetic-study/<detector>_R18_FPN_<norm>_<n>img; finished runs are skipp
 ones resumed, a diverged run (train_net exit 1, run_status.json "failed" with a non-finite loss or
 weight) is a result: recorded as diverged (study_cells.json), shown as failed in the table, never
 retried; so is a BN run that cannot normalize a single value per channel ("no batch
-statistics": one image and a 1x1 feature map). Then tools/ap_table.py writes the tables (output/synthetic-study/ap_table.md) and
-tools/plot_ap.py the plots docs/study_synthetic.png (box AP against images per batch) and
-docs/study_synthetic_mask.png (Mask R-CNN's mask AP).
+statistics": one image and a 1x1 feature map). Then tools/ap_table.py writes the tables
+(output/synthetic-study/ap_table.md) and tools/plot_ap.py the plots docs/study_synthetic.png
+(box AP against images per batch) and docs/study_synthetic_mask.png (Mask R-CNN's mask AP).
 """
 import argparse
 import glob
@@ -309,10 +309,12 @@ def cell_state(directory: str) -> str:
     weights: a result of the study) or "finished"."""
     status = read_run_status(directory)
     state = status.get("state", "new")
-    if state == "failed" and str(status.get("error", "")).startswith(DIVERGED_ERRORS):
-        return "diverged"
-    if state == "failed" and str(status.get("error", "")).startswith(NO_BATCH_STATISTICS_ERRORS):
-        return "no batch statistics"
+    if state == "failed":
+        error = str(status.get("error", ""))
+        if error.startswith(DIVERGED_ERRORS):
+            return "diverged"
+        if error.startswith(NO_BATCH_STATISTICS_ERRORS):
+            return "no batch statistics"
     return state if state in ("running", "failed", "finished") else "new"
 
 

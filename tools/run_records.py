@@ -21,9 +21,13 @@ import os
 import shutil
 import sys
 
+import d2_norms  # noqa: F401
+from d2_norms.evaluation.run_files import (RESULTS_FILE, RUN_STATUS_FILE, RunFileError,
+                                           load_run_status)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORD_FILES = ("config.yaml", "results.json", "run_status.json", "metrics.json")
-TEXT_WITH_PATHS = ("config.yaml", "results.json")
+RECORD_FILES = ("config.yaml", RESULTS_FILE, RUN_STATUS_FILE, "metrics.json")
+TEXT_WITH_PATHS = ("config.yaml", RESULTS_FILE)
 
 
 def relative_text(text: str, run_dir: str) -> str:
@@ -34,13 +38,12 @@ def relative_text(text: str, run_dir: str) -> str:
 
 
 def run_state(run_dir: str) -> str:
-    import json
-
-    path = os.path.join(run_dir, "run_status.json")
+    """run_status.json's state (read by the evaluation package's reader, which raises
+    RunFileError on a malformed file); without one, "finished" when there are results."""
+    path = os.path.join(run_dir, RUN_STATUS_FILE)
     if not os.path.exists(path):
-        return "finished" if os.path.exists(os.path.join(run_dir, "results.json")) else "none"
-    with open(path) as f:
-        return json.load(f).get("state", "unknown")
+        return "finished" if os.path.exists(os.path.join(run_dir, RESULTS_FILE)) else "none"
+    return load_run_status(path)["state"]
 
 
 def copy_records(run_dir: str, dest_root: str) -> str:
@@ -82,7 +85,13 @@ def main(argv=None) -> int:
     for run in args.runs:
         if not os.path.isfile(os.path.join(run, "config.yaml")):
             problems.append(f"{run}: not a run directory (no config.yaml)")
-        elif run_state(run) == "running" and not args.include_running:
+            continue
+        try:
+            state = run_state(run)
+        except RunFileError as e:
+            problems.append(str(e))
+            continue
+        if state == "running" and not args.include_running:
             problems.append(f"{run}: still running; wait for it or pass --include-running")
     if problems:
         for problem in problems:
