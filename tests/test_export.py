@@ -1,6 +1,9 @@
 """TorchScript export: every d2_norms layer scripts and traces with eager's outputs; RetinaNet and
 Mask R-CNN with each normalizer export through detectron2's export API with eager's outputs,
-weight standardization folded; tools/export_model.py; the v0.6 caffe2 shim."""
+weight standardization folded; tools/export_model.py (default FRN kernels, the check in a fresh
+process with torch + torchvision only, the schema file, nothing left behind on failure, bad input
+exit 2); the documented loading code; the v0.6 caffe2 shim."""
+import hashlib
 import importlib.util
 import io
 import json
@@ -16,6 +19,7 @@ import d2_norms
 import d2_norms.layers as L
 from d2_norms import compat
 from d2_norms import export as X
+from d2_norms import export_check as C
 from d2_norms.modeling import NFBasicBlock, NFBottleneckBlock, NormBasicBlock, NormBottleneckBlock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +199,7 @@ def test_detector_exports_with_eager_outputs(detector, norm, method):
     if norm in ("GNWS", "NF"):
         assert len(X.standardized_convs(model)) > 10  # backbone, FPN and heads
     if method == "script" and _scripting_unsupported_by_detectron2(detector, norm):
-        with pytest.raises(Exception, match="ModuleList|Sequential|index"):
+        with pytest.raises(X.ExportError, match="CycleBatchNormList.*method 'trace'"):
             X.export_torchscript(folded, inputs, method)
         return
     exported = X.export_torchscript(folded, inputs, method)
@@ -244,8 +248,10 @@ def test_detectron2_export_imports_and_caffe2_only_api_says_why():
 
 
 # ---------------------------------------------------------------------------- the tool
-def _tool(args, timeout=600):
+def _tool(args, timeout=600, default_kernels=False):
     env = dict(os.environ, D2_NORMS_FRN_IMPL="eager", OMP_NUM_THREADS="1")
+    if default_kernels:  # as a user runs it: FRN's default choice (auto: compiled where it works)
+        del env["D2_NORMS_FRN_IMPL"]
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_model.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
@@ -277,7 +283,7 @@ def test_tool_exports_a_checkpoint_and_checks_it(tmp_path):
     info = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
     assert info["folded_convs"] == len(X.standardized_convs(model)) > 10
     assert info["detections"] == 10 and max(info["max_abs_diff"].values()) <= 1e-4
-    assert sorted(os.listdir(out)) == ["model.ts"]  # no temporary file left
+    assert sorted(os.listdir(out)) == ["model.schema.json", "model.ts"]  # no temporary file
     ts = torch.jit.load(str(out / "model.ts"))
     # the file holds the trained weights: its first conv is the folded first WS conv
     first = ts.model.backbone.bottom_up.stem.conv1
@@ -300,3 +306,281 @@ def test_tool_bad_input_exits_2(tmp_path, args, message):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert message in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["corrupt weights", "weights of another model", "not an image",
+                                  "negative atol", "output is a file"])
+def test_tool_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, case):
+    out = tmp_path / "out"
+    args = ["--config-file", CONFIG, "--output", str(out)]
+    if case == "corrupt weights":
+        (tmp_path / "w.pth").write_bytes(b"an interrupted copy")
+        args += ["--weights", str(tmp_path / "w.pth")]
+        message = "cannot be read as a checkpoint"
+    elif case == "weights of another model":
+        torch.save({"model": {"backbone.other.weight": torch.zeros(3)}}, tmp_path / "w.pth")
+        args += ["--weights", str(tmp_path / "w.pth")]
+        message = "do not match"
+    elif case == "not an image":
+        (tmp_path / "image.png").write_text("not an image")
+        args += ["--input", str(tmp_path / "image.png")]
+        message = f"cannot read --input {tmp_path / 'image.png'} as an image"
+    elif case == "negative atol":
+        args += ["--atol", "-1"]
+        message = "--atol must be a number >= 0, got -1.0"
+    else:
+        out.write_text("a file")
+        message = f"--output {out} exists and is not a directory"
+    proc = _tool(args + SMALL, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if case == "output is a file":
+        assert out.read_text() == "a file"
+    else:
+        assert not out.exists()
+
+
+# ----------------------------------------------- default FRN kernels, the fresh-process check
+def test_eager_frn_kernels_selects_the_eager_kernels_and_restores_the_choice():
+    for impl in ("auto", "compiled", "eager"):
+        L.set_frn_impl(impl)
+        with X.eager_frn_kernels():
+            assert L.get_frn_impl() == "eager"
+        assert L.frn._IMPL == impl
+        with pytest.raises(KeyError, match="inside"):
+            with X.eager_frn_kernels():
+                raise KeyError("inside")
+        assert L.frn._IMPL == impl
+
+
+@pytest.mark.slow
+def test_reference_equals_the_export_when_frn_defaults_to_compiled_kernels():
+    """Issue 21: the eager reference ran FRN's compiled kernels, the export the eager ones (a
+    graph cannot hold compiled kernels): outputs 1e-4 apart. run_eager now runs the eager
+    kernels whatever is selected, and leaves the selection as it was. (Slow: compiles.)"""
+    from detectron2.modeling import build_model
+
+    if not L.frn_compiled_available():
+        pytest.skip("torch.compile is not available here: FRN runs its eager kernels anyway")
+    torch.manual_seed(0)
+    model = _randomize(build_model(detector_cfg("retinanet", "FRN")), norms_only=True).eval()
+    inputs = _inputs(1, size=128)
+    exported = X.export_torchscript(X.prepare_for_export(model), inputs, "trace")
+    L.set_frn_impl("compiled")  # the autouse fixture restores the eager choice
+    with torch.no_grad():
+        model(X._image_only(inputs))  # the compiled kernels run (and compile) here
+    reference = X.run_eager(model, inputs)
+    assert L.frn._IMPL == "compiled"
+    diffs = X.compare_outputs(reference, exported(inputs))
+    assert max(diffs.values()) == 0, diffs
+
+
+def test_compare_outputs_counts_nan_and_inf_on_one_side_as_infinite():
+    nan, inf = float("nan"), float("inf")
+    ref = [{"scores": torch.tensor([0.5, nan, inf])}]
+    assert X.compare_outputs(ref, [{"scores": torch.tensor([0.5, nan, inf])}]) == {"scores": 0}
+    for other in ([0.5, 0.1, inf], [0.5, nan, 1.0], [nan, nan, inf]):
+        diffs = X.compare_outputs(ref, [{"scores": torch.tensor(other)}])
+        assert diffs == {"scores": inf}, other
+
+
+RETINANET_CONFIG = os.path.join("configs", "synthetic", "retinanet_R18_FPN_GN.yaml")
+
+
+def _small_opts(detector, norm):
+    """A 64 px R18-FPN RetinaNet / Mask R-CNN with ``norm`` everywhere, every score kept."""
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", norm,
+            "MODEL.FPN.OUT_CHANNELS", "64", "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "10"]
+    if detector == "retinanet":
+        return opts + ["MODEL.RETINANET.NORM", norm, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
+    return opts + ["MODEL.ROI_BOX_HEAD.NORM", norm, "MODEL.ROI_BOX_HEAD.CONV_DIM", "64",
+                   "MODEL.ROI_MASK_HEAD.NORM", norm, "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
+                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+
+
+def _trained_checkpoint(config, opts, directory):
+    """A model from ``config`` + ``opts`` with non-trivial norm parameters, saved as a
+    checkpoint: (cfg, model, checkpoint path)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from d2_norms.engine.preflight import load_config
+
+    cfg = load_config(config, opts)
+    torch.manual_seed(5)
+    model = _randomize(build_model(cfg), norms_only=True).eval()
+    DetectionCheckpointer(model, save_dir=str(directory)).save("trained")
+    return cfg, model, str(directory / "trained.pth")
+
+
+def _run_documented_code(path, method, image, workdir):
+    """docs/export.md's loading code in a new Python process (cwd: an empty directory, so that
+    nothing of this repository is importable by accident): its outputs and imported modules."""
+    code = ("import sys\npath, device = sys.argv[1], 'cpu'\n" + C.LOAD_CODE
+            + "torch.set_num_threads(1)\nimage = torch.load(sys.argv[2])\n"
+            + "with torch.no_grad():\n    " + C.CALL_CODE[method] + "\n"
+            + "torch.save({'outputs': outputs, 'modules': sorted(sys.modules)}, sys.argv[3])\n")
+    workdir.mkdir()
+    torch.save(image, workdir / "image.pt")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(workdir / "image.pt"),
+                           str(workdir / "outputs.pt")], cwd=workdir, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(workdir / "outputs.pt")
+    return result["outputs"], {m.split(".")[0] for m in result["modules"]}
+
+
+def test_docs_show_the_loading_code_that_the_check_runs():
+    with open(os.path.join(REPO, "docs", "export.md")) as f:
+        doc = f.read()
+    assert C.LOAD_CODE in doc
+    for method in X.EXPORT_METHODS:
+        assert C.CALL_CODE[method] in doc, method
+    assert C.SCHEMA_FILE in doc and C.MODEL_FILE in doc
+
+
+@pytest.mark.parametrize("detector, norm, method", [("retinanet", "FRN", "trace"),
+                                                    ("mask_rcnn", "GNWS", "script"),
+                                                    ("retinanet", "NF", "script")])
+def test_tool_default_kernels_export_runs_where_deployed(tmp_path, load_tool, detector, norm,
+                                                         method):
+    """Issue 21 item 3: with FRN's default kernels (no D2_NORMS_FRN_IMPL) the tool's own check
+    passes with difference 0; it writes model.ts + model.schema.json and nothing else; the
+    documented loading code runs the file in a process with torch + torchvision only and gives
+    eager's outputs in the schema's order, dtypes and shapes."""
+    config = RETINANET_CONFIG if detector == "retinanet" else CONFIG
+    opts = _small_opts(detector, norm)
+    cfg, model, weights = _trained_checkpoint(config, opts, tmp_path)
+    out = tmp_path / "export"
+    proc = _tool(["--config-file", config, "--weights", weights, "--method", method,
+                  "--output", str(out), *opts], default_kernels=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max difference to eager: 0 (10 detections compared" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(out)) == ["model.schema.json", "model.ts"]
+
+    schema = json.loads((out / "model.schema.json").read_text())
+    assert schema["sha256"] == hashlib.sha256((out / "model.ts").read_bytes()).hexdigest()
+    assert (schema["file"], schema["method"]) == ("model.ts", method)
+    assert schema["load"] == C.LOAD_CODE + C.CALL_CODE[method] + "\n"
+    assert schema["requires"] == ["torch", "torchvision"]
+    assert schema["check"]["fresh_process"] and schema["check"]["detections"] == [10]
+    assert set(schema["check"]["max_abs_diff"].values()) == {0.0}
+    assert schema["input"]["channels"] == cfg.INPUT.FORMAT
+    assert schema["input"]["pixel_mean"] == pytest.approx(list(cfg.MODEL.PIXEL_MEAN))
+    assert schema["input"]["pixel_std"] == pytest.approx(list(cfg.MODEL.PIXEL_STD))
+    assert schema["input"]["resize"]["shortest_edge"] == 64
+    assert schema["model"]["folded_convs"] == len(X.standardized_convs(model))
+    assert schema["model"]["thing_classes"] == ["circle", "triangle", "square"]
+    names = [o["name"] for o in schema["outputs"]]
+    fields = ["pred_boxes", "scores", "pred_classes"] + (["pred_masks"] if detector != "retinanet"
+                                                         else [])
+    # trace: detectron2 flattens the Instances fields in sorted order, then the image size
+    assert names == (sorted(fields) if method == "trace" else fields) + ["image_size"]
+
+    inputs = load_tool("export_model").sample_inputs(cfg)
+    outputs, modules = _run_documented_code(out / "model.ts", method, inputs[0]["image"],
+                                            tmp_path / "deployed")
+    assert not modules & {"detectron2", "d2_norms"}, modules
+    if method == "trace":
+        assert isinstance(outputs, tuple) and len(outputs) == len(names)
+        outputs = dict(zip(names, outputs))
+    assert sorted(outputs) == sorted(names)
+    for spec in schema["outputs"]:
+        value = outputs[spec["name"]]
+        assert str(value.dtype) == "torch." + spec["dtype"], spec
+        assert [d if isinstance(d, int) else value.shape[i] for i, d in enumerate(spec["shape"])
+                ] == list(value.shape), spec
+        assert list(value.shape) == spec["check_image_shape"]
+    assert outputs["image_size"].tolist() == list(inputs[0]["image"].shape[1:])
+    diffs = X.compare_outputs(X.run_eager(model, inputs), [outputs])
+    assert max(diffs.values()) == 0, diffs
+
+
+def _raw_detectron2_script(model):
+    """detectron2's scripting_with_instances alone: returns its ScriptedInstances class."""
+    from detectron2.export import scripting_with_instances
+
+    return scripting_with_instances(X.prepare_for_export(model), X.instance_fields(model))
+
+
+def test_fresh_process_check_catches_a_file_that_runs_only_where_it_was_made(tmp_path):
+    """The error issue 21 reports: detectron2's scripted model hands its ScriptedInstances class
+    to Python, which exists only in the process that scripted it. It runs here, fails in a fresh
+    process, and write_checked_export keeps nothing (an earlier export stays as it was)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(detector_cfg("retinanet", "GN")).eval()
+    inputs = _inputs(1)
+    raw = _raw_detectron2_script(model)
+    raw(inputs)  # fine in this process
+    exported = X.ExportedModel(raw, "script", ["pred_boxes", "scores", "pred_classes"], False)
+    reference = X.run_eager(model, inputs)
+    new = tmp_path / "new" / "export"
+    with pytest.raises(C.ExportCheckError,
+                       match=r"(?s)fresh Python process.*ScriptedInstances\d+ is not found"):
+        C.write_checked_export(exported, reference, inputs, str(new), {}, atol=1e-4)
+    assert not (tmp_path / "new").exists()  # the directories it created are gone
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "model.ts").write_bytes(b"an earlier export")
+    (earlier / "model.schema.json").write_text("{}")
+    with pytest.raises(C.ExportCheckError, match="ScriptedInstances"):
+        C.write_checked_export(exported, reference, inputs, str(earlier), {}, atol=1e-4)
+    assert sorted(os.listdir(earlier)) == ["model.schema.json", "model.ts"]
+    assert (earlier / "model.ts").read_bytes() == b"an earlier export"
+    assert (earlier / "model.schema.json").read_text() == "{}"
+
+
+def _op_of_this_process():
+    """A custom op registered in this process only (as a plugin's op would be)."""
+    try:
+        return torch.ops.d2n_export_test.double
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("d2n_export_test::double", mutates_args=())
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    return torch.ops.d2n_export_test.double
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        return (_op_of_this_process()(x),)
+
+
+def test_fresh_process_check_catches_files_that_do_not_load_there(tmp_path):
+    image = torch.rand(3, 8, 8)
+    traced = torch.jit.trace(_Doubler(), (image,))
+    assert torch.equal(_reload(traced)(image)[0], image * 2)  # loads and runs in this process
+    torch.jit.save(traced, str(tmp_path / "op.ts"))
+    with pytest.raises(C.ExportCheckError, match=r"(?s)fresh Python process.*d2n_export_test"):
+        C.run_in_fresh_process(str(tmp_path / "op.ts"), "trace", [image])
+    (tmp_path / "cut.ts").write_bytes((tmp_path / "op.ts").read_bytes()[:100])  # truncated
+    with pytest.raises(C.ExportCheckError, match="fresh Python process"):
+        C.run_in_fresh_process(str(tmp_path / "cut.ts"), "trace", [image])
+
+
+def test_write_checked_export_keeps_nothing_when_outputs_differ(tmp_path):
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = _randomize(build_model(detector_cfg("retinanet", "GN")), norms_only=True).eval()
+    inputs = _inputs(1)
+    exported = X.export_torchscript(X.prepare_for_export(model), inputs, "trace")
+    out = tmp_path / "out"
+    other_image = X.run_eager(model, _inputs(2))  # a reference the file does not reproduce
+    with pytest.raises(C.ExportCheckError, match="differ from eager"):
+        C.write_checked_export(exported, other_image, inputs, str(out), {}, atol=1e-4)
+    assert not out.exists()
+    # the right reference passes even at atol 0, and the file lands with its schema only
+    schema = C.write_checked_export(exported, X.run_eager(model, inputs), inputs, str(out),
+                                    {"model": {"note": "kept"}}, atol=0.0)
+    assert sorted(os.listdir(out)) == ["model.schema.json", "model.ts"]
+    assert json.loads((out / "model.schema.json").read_text()) == schema
+    assert schema["model"] == {"note": "kept"} and schema["check"]["atol"] == 0.0
+    assert schema["input"]["traced_image_shape"] == [3, 64, 64]
