@@ -3,12 +3,31 @@
 The one place where d2_norms knows about versions; the rest of the package uses public
 detectron2 API only. Two kinds of entries:
 
-* Shims, applied once by ``import d2_norms`` (:func:`apply`), each checking first whether it is
-  needed, so on a full detectron2 built from source or on newer libraries they do nothing:
-  ``detectron2._C`` / ``torch.ops.detectron2`` placeholders (no compiled ops: calling one raises
-  :class:`MissingCompiledOpError` naming it), ``PIL.Image.LINEAR`` (Pillow 10), numpy aliases
-  (numpy 1.24), ``pkg_resources`` (setuptools 81), v0.6's ``detectron2.export`` without caffe2.
-  ``applied()`` lists what was patched in this process.
+* Shims, applied once by ``import d2_norms`` (:func:`apply`), only for what the installed
+  detectron2 cannot import or run without, each checking first whether it is needed (on
+  detectron2 main, built or pure Python, most do nothing). They never rebind a name of
+  detectron2 and never leave a stand-in module behind: where detectron2 has its own fallback
+  (``try: from detectron2 import _C`` / ``except ImportError``: pycocotools instead of the
+  compiled COCOeval, dummy deformable convs), that fallback still runs after ``import d2_norms``.
+
+  - v0.6 pure Python: ``detectron2.layers`` imports ``_C`` at module top with no fallback.
+    It is imported once with a placeholder ``detectron2._C`` present only during that import
+    (its ops raise :class:`MissingCompiledOpError` naming the op when called); afterwards
+    ``detectron2._C`` is again not importable, so ``fast_eval_api`` fails to import and
+    ``COCOEvaluator`` uses pycocotools, as detectron2 intends.
+  - v0.6 ``detectron2.data.transforms`` reads ``PIL.Image.LINEAR`` (removed in Pillow 10) when
+    it is imported: the alias exists only during that import.
+  - ``detectron2.model_zoo`` imports ``pkg_resources`` (gone from setuptools 81): imported
+    once with a stand-in present only during that import.
+  - v0.6 ``detectron2.export`` imports caffe2 at module top: imported once with stand-in caffe2
+    modules present only during that import; its caffe2-only API raises
+    :class:`MissingCaffe2Error` when it reaches caffe2 (TorchScript export works).
+  - numpy aliases removed in numpy 1.24 (``np.int`` ...) that the installed detectron2's own
+    source uses at run time (v0.6: the training loader's class histogram, sem-seg eval): the
+    only shim that stays, since detectron2 reads them when it runs; only the names its source
+    uses are added, and none on main.
+
+  ``applied()`` lists what was done in this process.
 * Version-dependent helpers called by d2_norms' code: :func:`create_local_process_group`
   (v0.6 has only the module global ``comm._LOCAL_PROCESS_GROUP``; main has a public function).
 
@@ -18,13 +37,17 @@ through ``DetectionCheckpointer.load`` (main guards the private ``_load_file``),
 detectron2's ``get_norm`` accepts are probed (main adds ``LN``). docs/detectron2_versions.md
 lists them.
 """
+import contextlib
+import importlib
 import importlib.util
 import os
+import re
 import sys
 import types
-from typing import List
+from typing import Dict, Iterator, List
 
 _APPLIED: List[str] = []
+_DONE: List[bool] = []
 
 # Ops that live in detectron2's C++ extension, by the name v0.6 calls them, mapped to the
 # feature a user would recognise in an error message.
@@ -42,33 +65,6 @@ COMPILED_OPS = {
     "COCOevalEvaluateImages": "fast COCO evaluation (COCOeval_opt)",
     "COCOevalAccumulate": "fast COCO evaluation (COCOeval_opt)",
 }
-# Ops that the extension registers with the dispatcher (TORCH_LIBRARY(detectron2, m) in
-# detectron2/layers/csrc/vision.cpp); detectron2 main (and v0.6 for nms_rotated) calls them as
-# torch.ops.detectron2.<op>. Schemas are the ones the C++ registration infers from the function
-# signatures (unnamed arguments and result _0, _1, ...), so a caller sees the same signature as with the
-# real extension.
-TORCH_LIBRARY_OPS = {
-    "nms_rotated": "nms_rotated(Tensor _0, Tensor _1, float _2) -> Tensor _0",
-    "box_iou_rotated": "box_iou_rotated(Tensor _0, Tensor _1) -> Tensor _0",
-    "roi_align_rotated_forward": "roi_align_rotated_forward(Tensor _0, Tensor _1, float _2, "
-                                 "int _3, int _4, int _5) -> Tensor _0",
-    "roi_align_rotated_backward": "roi_align_rotated_backward(Tensor _0, Tensor _1, float _2, "
-                                  "int _3, int _4, int _5, int _6, int _7, int _8, "
-                                  "int _9) -> Tensor _0",
-}
-# Keeps the placeholder registrations alive: the dispatcher drops a Library's ops when the
-# Library object is garbage-collected.
-_TORCH_LIBRARY_PLACEHOLDER = None
-# Build-information functions of the extension (detectron2's collect_env_info calls them in
-# every default_setup): they answer truthfully that nothing was built instead of raising.
-_NOT_BUILT = "not built (detectron2 installed without its C++ extension)"
-BUILD_INFO = {
-    "get_compiler_version": lambda: _NOT_BUILT,
-    "get_cuda_version": lambda: _NOT_BUILT,
-    "has_cuda": lambda: False,
-}
-
-
 class MissingCompiledOpError(RuntimeError):
     """Raised when code calls an op of detectron2's C++ extension that is not built."""
 
@@ -106,94 +102,133 @@ class _MissingExtension(types.ModuleType):
     def __getattr__(self, name: str):
         if name in COMPILED_OPS:
             return _missing_op(name, COMPILED_OPS[name])
-        if name in BUILD_INFO:
-            return BUILD_INFO[name]
         raise AttributeError(f"module 'detectron2._C' (placeholder) has no attribute '{name}'")
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(COMPILED_OPS) | set(BUILD_INFO))
+        return sorted(set(super().__dir__()) | set(COMPILED_OPS))
 
 
-def _install_c_extension_placeholder() -> None:
-    if "detectron2._C" in sys.modules:
-        return
-    if importlib.util.find_spec("detectron2") is None:
-        return
-    if importlib.util.find_spec("detectron2._C") is not None:
+
+@contextlib.contextmanager
+def _modules_present(modules: Dict[str, types.ModuleType]) -> Iterator[None]:
+    """``modules`` in ``sys.modules`` (and as attributes of their loaded parent packages) for the
+    duration of the block only; names that were present already are left alone."""
+    added = [name for name in modules if name not in sys.modules]
+    attributes = []
+    for name in added:
+        sys.modules[name] = modules[name]
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules and not hasattr(sys.modules[parent], child):
+            setattr(sys.modules[parent], child, modules[name])
+            attributes.append((sys.modules[parent], child))
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+        for package, child in attributes:
+            if getattr(package, child, None) is not None:
+                delattr(package, child)
+
+
+def _detectron2_installed() -> bool:
+    return importlib.util.find_spec("detectron2") is not None
+
+
+def _import_failure(module: str):
+    """The error importing ``module`` raises (ImportError, or the AttributeError of a removed
+    library name read at import time), or None when it imports."""
+    before = set(sys.modules)
+    try:
+        importlib.import_module(module)
+    except (ImportError, AttributeError) as e:
+        # detectron2's modules this attempt loaded go too: a retry must load them again, or
+        # the re-created package would lack them as attributes (detectron2.layers.batch_norm).
+        # (Other libraries' modules loaded on the way are complete and stay.)
+        for name in set(sys.modules) - before:
+            if name == "detectron2" or name.startswith("detectron2."):
+                sys.modules.pop(name, None)
+        return e
+    return None
+
+
+def _import_layers_without_compiled_ops() -> None:
+    """v0.6's ``detectron2.layers`` does ``from detectron2 import _C`` at module top (deformable
+    and rotated ops) with no fallback: without the C++ extension detectron2 does not import.
+    Import it with a placeholder that exists only during the import."""
+    if not _detectron2_installed() or importlib.util.find_spec("detectron2._C") is not None:
         return  # real compiled extension
-    import detectron2
-
+    error = _import_failure("detectron2.layers")
+    if error is None:
+        return  # main: its own try/except fallbacks handle the missing extension
+    if "_C" not in str(error):
+        return  # something else is missing: leave detectron2's own error for its import
     placeholder = _MissingExtension("detectron2._C", __doc__)
     placeholder.__file__ = None
-    sys.modules["detectron2._C"] = placeholder
-    detectron2._C = placeholder
-    _APPLIED.append("detectron2._C placeholder (no compiled ops)")
-    _install_torch_ops_placeholder()
+    with _modules_present({"detectron2._C": placeholder}):
+        importlib.import_module("detectron2.layers")
+    _APPLIED.append("detectron2.layers imported with a detectron2._C placeholder present during "
+                    "that import only (v0.6 without compiled ops; detectron2's own fallbacks "
+                    "still see no _C)")
 
 
-def _torch_op_exists(name: str) -> bool:
-    import torch
-
-    try:
-        getattr(torch.ops.detectron2, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _install_torch_ops_placeholder() -> None:
-    """Define ``torch.ops.detectron2.<op>`` with the extension's schemas, each raising
-    MissingCompiledOpError. Only called when the real ``detectron2._C`` is absent (the real one
-    registers these ops itself when it loads); ops that something else already defined are left
-    alone."""
-    global _TORCH_LIBRARY_PLACEHOLDER
-    import torch
-
-    missing = [name for name in TORCH_LIBRARY_OPS if not _torch_op_exists(name)]
-    if not missing:
+def _import_evaluation_with_official_cocoeval() -> None:
+    """v0.6's ``coco_evaluation`` imports ``COCOeval_opt`` from ``fast_eval_api`` (which needs
+    ``_C``) with no fallback, so ``detectron2.evaluation`` and ``detectron2.engine`` do not
+    import without the extension. detectron2 main falls back to pycocotools' ``COCOeval``
+    (``except ImportError: COCOeval_opt = COCOeval``); v0.6 gets that same fallback: during the
+    import of ``detectron2.evaluation`` only, ``fast_eval_api`` is a module whose
+    ``COCOeval_opt`` is pycocotools' ``COCOeval``, so stock ``COCOEvaluator`` evaluates with
+    the official implementation (``use_fast_impl`` or not)."""
+    if not _detectron2_installed() or "detectron2.evaluation" in sys.modules:
         return
-    # FRAGMENT, not DEF: adds to the namespace without claiming it.
-    library = torch.library.Library("detectron2", "FRAGMENT")
-    for name in missing:
-        library.define(TORCH_LIBRARY_OPS[name])
-        message = _missing_op_message(f"torch.ops.detectron2.{name}", COMPILED_OPS[name])
+    error = _import_failure("detectron2.evaluation")
+    if error is None or "_C" not in str(error):
+        return
+    from pycocotools.cocoeval import COCOeval
 
-        def raise_missing(*args, _message=message, **kwargs):
-            raise MissingCompiledOpError(_message)
+    name = "detectron2.evaluation.fast_eval_api"
+    fallback = types.ModuleType(name, "d2_norms: detectron2 main's fallback when _C is missing")
+    fallback.COCOeval_opt = COCOeval
+    with _modules_present({name: fallback}):
+        evaluation = importlib.import_module("detectron2.evaluation")
+    if getattr(evaluation, "fast_eval_api", None) is fallback:
+        delattr(evaluation, "fast_eval_api")
+    _APPLIED.append("detectron2.evaluation imported with COCOeval_opt = pycocotools' COCOeval "
+                    "(detectron2 main's fallback without compiled ops)")
 
-        # CompositeImplicitAutograd: one kernel for every device, autograd, meta/fake tensors.
-        library.impl(name, raise_missing, "CompositeImplicitAutograd")
-    _TORCH_LIBRARY_PLACEHOLDER = library
-    _APPLIED.append(f"torch.ops.detectron2 placeholder ops ({', '.join(missing)})")
 
-
-def _patch_pillow() -> None:
+def _import_transforms_with_pillow_linear() -> None:
+    """v0.6's ``ExtentTransform`` has ``interp=Image.LINEAR`` as a default argument, read when
+    ``detectron2.data.transforms`` is imported; Pillow 10 removed that alias of BILINEAR."""
+    if not _detectron2_installed() or "detectron2.data.transforms" in sys.modules:
+        return
     from PIL import Image
 
-    if not hasattr(Image, "LINEAR"):
-        # Removed in Pillow 10; it was always an alias of BILINEAR.
-        Image.LINEAR = Image.BILINEAR
-        _APPLIED.append("PIL.Image.LINEAR = BILINEAR")
-
-
-def _install_pkg_resources_shim() -> None:
-    """detectron2.model_zoo imports pkg_resources (removed from setuptools 81) for one call."""
-    try:
-        import pkg_resources  # noqa: F401
-
+    if hasattr(Image, "LINEAR"):
         return
-    except ImportError:
-        pass
+    error = _import_failure("detectron2.data.transforms")
+    if error is None or "LINEAR" not in str(error):
+        return
+    Image.LINEAR = Image.BILINEAR
+    try:
+        importlib.import_module("detectron2.data.transforms")
+    finally:
+        del Image.LINEAR
+    _APPLIED.append("detectron2.data.transforms imported with PIL.Image.LINEAR = BILINEAR "
+                    "during that import only")
+
+
+def _pkg_resources_stand_in() -> types.ModuleType:
+    """The subset of pkg_resources that detectron2.model_zoo uses (``resource_filename``)."""
     import importlib.metadata
     import importlib.resources
-    import os
 
     shim = types.ModuleType("pkg_resources")
-    shim.__doc__ = "d2_norms shim: the subset of pkg_resources that detectron2 v0.6 uses."
+    shim.__doc__ = "d2_norms stand-in: the pkg_resources functions detectron2.model_zoo calls."
 
     def resource_filename(package: str, resource: str) -> str:
-        root = importlib.resources.files(package)
-        return os.fspath(root.joinpath(resource))
+        return os.fspath(importlib.resources.files(package).joinpath(resource))
 
     def resource_exists(package: str, resource: str) -> bool:
         return importlib.resources.files(package).joinpath(resource).exists()
@@ -212,22 +247,61 @@ def _install_pkg_resources_shim() -> None:
     shim.resource_exists = resource_exists
     shim.get_distribution = get_distribution
     shim.DistributionNotFound = DistributionNotFound
-    sys.modules["pkg_resources"] = shim
-    _APPLIED.append("pkg_resources shim (resource_filename, resource_exists, get_distribution)")
+    return shim
 
 
-def _patch_numpy_aliases() -> None:
-    """numpy 1.24 removed np.bool/np.int/np.float; v0.6 uses them (BitMasks, sem-seg eval)."""
+def _import_model_zoo_without_pkg_resources() -> None:
+    """``detectron2.model_zoo`` imports pkg_resources (removed from setuptools 81) for one call.
+    The module keeps its reference to the stand-in; ``import pkg_resources`` elsewhere still
+    fails as it does without d2_norms."""
+    if not _detectron2_installed() or "detectron2.model_zoo" in sys.modules:
+        return
+    if importlib.util.find_spec("pkg_resources") is not None:
+        return
+    error = _import_failure("detectron2.model_zoo")
+    if error is None or getattr(error, "name", "") != "pkg_resources":
+        return
+    with _modules_present({"pkg_resources": _pkg_resources_stand_in()}):
+        importlib.import_module("detectron2.model_zoo")
+    _APPLIED.append("detectron2.model_zoo imported with a pkg_resources stand-in present during "
+                    "that import only")
+
+
+_NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str}
+
+
+def _numpy_aliases_detectron2_uses() -> List[str]:
+    """The removed numpy aliases (``np.int`` ...) the installed detectron2's source uses."""
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    pattern = re.compile(r"\bnp\.(" + "|".join(_NUMPY_ALIASES) + r")\b(?!_)")
+    used = set()
+    for root in spec.submodule_search_locations:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if name.endswith(".py"):
+                    try:
+                        with open(os.path.join(folder, name), encoding="utf-8") as f:
+                            used.update(pattern.findall(f.read()))
+                    except (OSError, UnicodeDecodeError):
+                        continue
+    return sorted(used)
+
+
+def _add_numpy_aliases() -> None:
+    """numpy 1.24 removed np.bool/np.int/np.float/...; detectron2 v0.6 calls them at run time
+    (``BitMasks``, the training loader's class histogram, sem-seg evaluation)."""
     import numpy as np
 
-    for name, value in (("bool", bool), ("int", int), ("float", float), ("object", object),
-                        ("str", str)):
-        if name not in np.__dict__:
-            try:
-                setattr(np, name, value)
-            except AttributeError:
-                continue
-            _APPLIED.append(f"numpy.{name} = {value.__name__}")
+    missing = [name for name in _NUMPY_ALIASES if name not in np.__dict__]
+    if not missing:
+        return
+    for name in _numpy_aliases_detectron2_uses():
+        if name in missing:
+            setattr(np, name, _NUMPY_ALIASES[name])
+            _APPLIED.append(f"numpy.{name} = {_NUMPY_ALIASES[name].__name__} (used by the "
+                            "installed detectron2)")
 
 
 class MissingCaffe2Error(RuntimeError):
@@ -266,83 +340,45 @@ class _Caffe2Module(types.ModuleType):
         return _Caffe2Name(f"{self.__name__}.{attr}")
 
 
-def _make_detectron2_export_importable() -> None:
+def _import_export_without_caffe2() -> None:
     """detectron2 v0.6's ``detectron2.export`` imports caffe2 at module top (torch 2.x has none),
     so ``TracingAdapter`` / ``scripting_with_instances`` were unreachable. Import it once with
     stand-in caffe2 modules that exist only during that import (``import caffe2`` still fails
-    afterwards), then make the caffe2-only API (Caffe2Tracer, Caffe2Model, export_caffe2_model,
-    export_onnx_model) raise :class:`MissingCaffe2Error`. Nothing happens where
+    afterwards). The caffe2-only API (Caffe2Tracer, Caffe2Model, ...) stays detectron2's own; it
+    raises :class:`MissingCaffe2Error` when it reaches a caffe2 call. Nothing happens where
     ``detectron2.export`` imports as it is (detectron2 main: caffe2 optional) or caffe2 exists.
     """
-    if ("detectron2.export" in sys.modules or importlib.util.find_spec("detectron2") is None
+    if ("detectron2.export" in sys.modules or not _detectron2_installed()
             or importlib.util.find_spec("caffe2") is not None):
         return
-    try:
-        import detectron2.export  # noqa: F401
-
-        return
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("caffe2"):
-            return  # something else is missing: leave detectron2's own error for its import
+    error = _import_failure("detectron2.export")
+    if error is None or not (getattr(error, "name", "") or "").startswith("caffe2"):
+        return  # imports, or something else is missing: leave detectron2's own error
     names = ("caffe2", "caffe2.proto", "caffe2.proto.caffe2_pb2", "caffe2.python",
              "caffe2.python.core", "caffe2.python.utils", "caffe2.python.net_drawer",
              "caffe2.python.workspace", "caffe2.python.onnx", "caffe2.python.onnx.backend")
-    added = [n for n in names if n not in sys.modules]
-    for n in added:
-        sys.modules[n] = _Caffe2Module(n, "d2_norms stand-in: caffe2 is not installed")
-    try:
-        import detectron2.export as d2_export
-        from detectron2.export import api as d2_export_api
-    finally:
-        for n in added:
-            sys.modules.pop(n, None)
-
-    def refuse(name):
-        def caffe2_only(*args, **kwargs):
-            raise MissingCaffe2Error(f"detectron2.export.{name} needs {_CAFFE2_HINT}")
-
-        caffe2_only.__name__ = caffe2_only.__qualname__ = name
-        return caffe2_only
-
-    class Caffe2OnlyClass(type):
-        """Stand-in for a caffe2-only class: constructing it or calling any of its class
-        attributes (e.g. ``Caffe2Model.load_protobuf``) raises MissingCaffe2Error."""
-
-        def __call__(cls, *args, **kwargs):
-            refuse(cls.__name__)()
-
-        def __getattr__(cls, attr):
-            return refuse(f"{cls.__name__}.{attr}")
-
-    # The names are rebound to stand-ins that raise when used (detectron2's classes are left
-    # as they are).
-    for name in ("Caffe2Tracer", "Caffe2Model", "export_caffe2_model", "export_onnx_model"):
-        original = getattr(d2_export_api, name, None)
-        if original is None:
-            continue
-        stand_in = (Caffe2OnlyClass(name, (), {"__module__": original.__module__})
-                    if isinstance(original, type) else refuse(name))
-        setattr(d2_export_api, name, stand_in)
-        if hasattr(d2_export, name):
-            setattr(d2_export, name, stand_in)
-    _APPLIED.append("detectron2.export without caffe2 (TorchScript export works; caffe2-only "
-                    "API raises MissingCaffe2Error)")
+    stand_ins = {n: _Caffe2Module(n, "d2_norms stand-in: caffe2 is not installed") for n in names}
+    with _modules_present(stand_ins):
+        importlib.import_module("detectron2.export")
+    _APPLIED.append("detectron2.export imported with caffe2 stand-ins present during that import "
+                    "only (TorchScript export works; caffe2-only API raises MissingCaffe2Error)")
 
 
 def apply() -> List[str]:
-    """Apply every needed patch once; return the list of what was patched in this process."""
-    if not _APPLIED:
-        _patch_pillow()
-        _patch_numpy_aliases()
-        _install_pkg_resources_shim()
-        _install_c_extension_placeholder()
-        _make_detectron2_export_importable()
-        if not _APPLIED:
-            _APPLIED.append("nothing (full detectron2 / older libraries)")
+    """Apply every needed shim once; return the list of what was done in this process."""
+    if not _DONE:
+        _DONE.append(True)
+        _add_numpy_aliases()
+        _import_layers_without_compiled_ops()
+        _import_transforms_with_pillow_linear()
+        _import_evaluation_with_official_cocoeval()
+        _import_model_zoo_without_pkg_resources()
+        _import_export_without_caffe2()
     return list(_APPLIED)
 
 
 def applied() -> List[str]:
+    """What :func:`apply` did in this process (empty: nothing was needed)."""
     return list(_APPLIED)
 
 

@@ -1,9 +1,10 @@
-"""Stock detectron2 components and d2_norms' names (d2_norms/layers/detectron2_hook.py).
+"""Stock detectron2 components and d2_norms' names (d2_norms/config_checks.py).
 
-Stock RetinaNet and Mask R-CNN (R18-FPN, tiny images, CPU) build and train with every name they
-honour (detectron2's own names and d2_norms' names that mean a plain conv, the norm and ReLU);
-every stock component refuses, when built, each name it would turn into another network, with a
-message naming the component, the key and the d2_norms component to use.
+d2_norms leaves detectron2's ``get_norm`` as it is: stock RetinaNet and Mask R-CNN (R18-FPN,
+tiny images, CPU) build and train with detectron2's own names after ``import d2_norms``, with
+detectron2's own layers. A stock component given a name only d2_norms builds is refused by the
+config checks before anything is built, every key at once, each message naming the component,
+the key and the d2_norms component to use.
 """
 import pytest
 import torch
@@ -11,8 +12,8 @@ from torch import nn
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.layers import GroupNorm, StockComponentNormError
-from d2_norms.layers.detectron2_hook import _detectron2_norm_names, _original
+from d2_norms.config_checks import norm_problems
+from d2_norms.layers import detectron2_norm_names
 
 torch.set_num_threads(1)
 
@@ -111,20 +112,23 @@ def train_step(model, batch):
     return losses
 
 
-REFUSED = ["FRN", "FRN_LEPS", "GNWS", "GNWS_G16", "NF"]
-HONOURED = sorted(_detectron2_norm_names() - {"LN", "nnSyncBN"}) + ["", "GN_G16", "GN_C8",
-                                                                     "naiveSyncBN_N"]
+REFUSED = ["FRN", "FRN_LEPS", "GNWS", "GNWS_G16", "NF", "GN_G16"]
+HONOURED = sorted(detectron2_norm_names() - {"LN", "nnSyncBN"}) + [""]
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "mask_rcnn"])
 @pytest.mark.parametrize("norm", HONOURED)
-def test_stock_components_train_with_names_they_honour(arch, norm):
+def test_stock_components_train_with_detectron2_names(arch, norm):
+    from detectron2.layers.batch_norm import get_norm as detectron2_get_norm
+
+    cfg = make_cfg(arch, norm)
+    assert norm_problems(cfg) == []  # the checks let detectron2's own names through
     try:
         model = build(arch, norm)
     except ValueError as e:
         if arch == "retinanet" and norm == "GN" and "num_groups" in str(e):
             # detectron2 v0.6's RetinaNetHead builds GroupNorm(32, 1) to read the type: its own
-            # bug, unchanged by d2_norms (the import is neutral for detectron2's names)
+            # bug, unchanged by d2_norms (the import is neutral)
             pytest.skip("detectron2 v0.6's own GN in its own RetinaNetHead")
         raise
     losses = train_step(model, make_batch())
@@ -132,10 +136,9 @@ def test_stock_components_train_with_names_they_honour(arch, norm):
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     types = {type(m) for m in model.modules()}
-    if norm.startswith("GN_"):  # d2_norms' names come from the registry
-        assert GroupNorm in types
-    elif norm and norm != "FrozenBN":  # detectron2's own names give detectron2's own layers
-        assert type(_original()(norm, 32)) in types, norm
+    assert not any(t.__module__.startswith("d2_norms") for t in types)
+    if norm and norm != "FrozenBN":  # detectron2's own names give detectron2's own layers
+        assert type(detectron2_get_norm(norm, 32)) in types, norm
 
 
 # (component, the key whose norm it builds, what the message must tell the user to use)
@@ -150,46 +153,108 @@ STOCK = {
                   "MODEL.ROI_MASK_HEAD.NAME: D2NormsMaskHead"),
 }
 WHY = {"FRN": "pairs with TLU", "FRN_LEPS": "pairs with TLU", "GNWS": "weight-standardized",
-       "GNWS_G16": "weight-standardized", "NF": "Scaled WS"}
+       "GNWS_G16": "weight-standardized", "NF": "Scaled WS", "GN_G16": "detectron2's own names"}
+
+
+def _set(cfg, key, value):
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node = getattr(node, part)
+    setattr(node, key.split(".")[-1], value)
 
 
 def _cfg_with_only(component, norm):
     arch = "retinanet" if component == "retinanet_head" else "mask_rcnn"
     cfg = make_cfg(arch, "")
-    key = STOCK[component][1]
-    node = cfg
-    for part in key.split(".")[:-1]:
-        node = getattr(node, part)
-    setattr(node, key.split(".")[-1], norm)
+    _set(cfg, STOCK[component][1], norm)
     return cfg
 
 
 @pytest.mark.parametrize("norm", REFUSED)
 @pytest.mark.parametrize("component", sorted(STOCK))
-def test_stock_component_refuses_names_it_cannot_honour(component, norm):
-    from detectron2.modeling import build_model
-
+def test_config_checks_refuse_names_a_stock_component_cannot_build(component, norm):
     what, key, use = STOCK[component]
-    with pytest.raises(StockComponentNormError) as info:
-        build_model(_cfg_with_only(component, norm))
-    msg = str(info.value)
-    assert msg.startswith(what), msg
-    assert f"{key}={norm!r}" in msg and use in msg and WHY[norm] in msg, msg
+    problems = norm_problems(_cfg_with_only(component, norm))
+    assert len(problems) == 1, problems
+    msg = problems[0]
+    assert msg.startswith(f"{key}={norm!r}") and what in msg, msg
+    assert use in msg and WHY[norm] in msg, msg
     if norm == "NF" and component == "resnet":
         assert "residual scaling" in msg  # not just the convs: the NF-ResNet
 
 
-def test_lazyconfig_stock_head_refuses_and_d2norms_head_honours():
+@pytest.mark.parametrize("component", sorted(STOCK))
+def test_stock_component_given_a_d2_norms_name_fails_in_detectron2_itself(component):
+    """Without the checks, detectron2 refuses the name its own way (its get_norm is not
+    changed): the checks exist so that this happens before anything is built or written."""
+    from detectron2.modeling import build_model
+
+    with pytest.raises(KeyError):
+        build_model(_cfg_with_only(component, "FRN"))
+
+
+def test_config_checks_report_every_key_at_once():
+    cfg = make_cfg("mask_rcnn", "")
+    cfg.MODEL.RESNETS.NORM = "FRN"
+    cfg.MODEL.FPN.NORM = "GNWS"
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "FNR"  # a typo
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "NF"
+    cfg.MODEL.RPN.NORM = "GN"  # read only by D2NormsRPNHead
+    problems = norm_problems(cfg)
+    keys = [p.split("=")[0] for p in problems]
+    assert keys == ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.RPN.NORM",
+                    "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"], problems
+    assert "Did you mean 'FRN'" in problems[3]
+    assert "D2NormsRPNHead" in problems[2] and "ignore" in problems[2]
+
+
+def test_config_checks_accept_d2_norms_components_and_refuse_typos_there():
+    cfg = make_cfg("mask_rcnn", "GN")
+    cfg.MODEL.BACKBONE.NAME = "build_d2n_resnet_fpn_backbone"
+    cfg.MODEL.RPN.HEAD_NAME = "D2NormsRPNHead"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "D2NormsConvFCHead"
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "D2NormsMaskHead"
+    for norm in ("FRN", "FRN_LEPS", "GNWS", "GN_G16", "BN", ""):
+        for field in ("RESNETS", "FPN", "RPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
+            getattr(cfg.MODEL, field).NORM = norm
+        assert norm_problems(cfg) == [], norm
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "GNSW"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 0
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "GN"
+    problems = norm_problems(cfg)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("MODEL.ROI_BOX_HEAD.NORM='GN' but MODEL.ROI_BOX_HEAD.NUM_CONV")
+    assert problems[1].startswith("MODEL.ROI_MASK_HEAD.NORM='GNSW': unknown")
+    assert "Did you mean 'GNWS'" in problems[1]
+
+
+def test_config_checks_leave_third_party_components_alone():
+    cfg = make_cfg("mask_rcnn", "")
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "SomeProjectsBoxHead"
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "WhateverItBuilds"
+    assert norm_problems(cfg) == []
+
+
+def test_nf_with_detectron2_pixel_std_is_refused_with_the_value_to_set():
+    cfg = make_cfg("retinanet", "")
+    cfg.MODEL.BACKBONE.NAME = "build_d2n_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.NORM = "NF"
+    cfg.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]  # detectron2's default for caffe2-style weights
+    problems = norm_problems(cfg)
+    assert len(problems) == 1 and problems[0].startswith("MODEL.PIXEL_STD"), problems
+    assert "57.375" in problems[0] and "unit-variance" in problems[0]
+    cfg.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]
+    assert norm_problems(cfg) == []
+
+
+def test_lazyconfig_d2norms_head_honours_frn():
     from detectron2.config import LazyCall, instantiate
     from detectron2.layers import ShapeSpec
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
     from d2_norms.modeling.heads import D2NormsRetinaNetHead
 
     kwargs = dict(input_shape=[ShapeSpec(channels=32)], num_classes=2, num_anchors=1,
                   conv_dims=[32, 32], norm="FRN")
-    with pytest.raises(StockComponentNormError, match="D2NormsRetinaNet"):
-        instantiate(LazyCall(RetinaNetHead)(**kwargs))
     head = instantiate(LazyCall(D2NormsRetinaNetHead)(**kwargs))
     assert [type(m) for m in head.cls_subnet].count(nn.ReLU) == 0
     frns = [m for m in head.cls_subnet if isinstance(m, L.FilterResponseNorm2d)]

@@ -1,5 +1,5 @@
 """The norm registry (names, errors, third-party registration), the composer's conv kinds, and
-the get_norm hook's installation in detectron2."""
+detectron2's own get_norm left untouched by the import."""
 import sys
 
 import pytest
@@ -8,10 +8,10 @@ from torch import nn
 
 import d2_norms  # noqa: F401
 import d2_norms.layers as L
-from d2_norms.layers import (FilterResponseNorm2d, GroupNorm, ScaledStdConv2d,
-                             StockComponentNormError, WSConv2d, conv_norm_act, get_norm,
-                             get_norm_act, register_norm, registered_norms)
-from d2_norms.layers import detectron2_hook
+from d2_norms.layers import (FilterResponseNorm2d, GroupNorm, ScaledStdConv2d, WSConv2d,
+                             conv_norm_act, get_norm, get_norm_act, register_norm,
+                             registered_norms)
+from d2_norms.layers import detectron2_names
 
 torch.set_num_threads(1)
 
@@ -107,8 +107,16 @@ def test_third_party_registration_and_duplicates():
         assert kinds.count(nn.SiLU) == 2 and nn.ReLU not in kinds and kinds.count(WSConv2d) == 2
         assert kinds.count(MyNorm) == 2
         head([torch.randn(1, 8, 6, 6)])
-        # ... and stock components, which would put ReLU after plain convs, refuse it
-        with pytest.raises(StockComponentNormError, match="TestMyNorm"):
+        # ... stock components, which would put ReLU after plain convs, are refused by the
+        # config checks (detectron2's own get_norm does not know the name: its KeyError)
+        from d2_norms.config_checks import PARTS, check_norm_name
+
+        retinanet_part = next(p for p in PARTS if p.key == "MODEL.RETINANET.NORM")
+        message = check_norm_name("TestMyNorm", retinanet_part, "RetinaNet")
+        assert "TestMyNorm" in message and "weight-standardized" in message
+        assert "D2NormsRetinaNet" in message
+        assert check_norm_name("TestMyNorm", retinanet_part, "D2NormsRetinaNet") is None
+        with pytest.raises(KeyError):
             RetinaNetHead(**kwargs)
     finally:
         L.unregister_norm("TestMyNorm")
@@ -146,31 +154,18 @@ def test_conv_kinds_and_conv_norm_act():
         assert torch.isfinite(conv(x)).all()
 
 
-def test_detectron2_get_norm_replaced_everywhere():
+def test_detectron2_get_norm_is_left_as_it_is():
     import detectron2.layers
     import detectron2.layers.batch_norm
 
-    hook = detectron2_hook.detectron2_get_norm
-    assert detectron2.layers.get_norm is hook
-    assert detectron2.layers.batch_norm.get_norm is hook
-    from detectron2.layers import get_norm as late_import  # what later imports see
-
-    assert late_import is hook
-    original = detectron2_hook._original()
-    bound = {}
+    original = detectron2.layers.batch_norm.get_norm
+    assert original.__module__ == "detectron2.layers.batch_norm"
+    assert detectron2.layers.get_norm is original
     for name, mod in list(sys.modules.items()):
         if name.startswith("detectron2") and mod is not None:
             fn = getattr(mod, "get_norm", None)
-            assert fn is not original, f"{name} still binds detectron2's original get_norm"
-            if fn is not None:
-                bound[name] = fn
-    for name in ("detectron2.layers.blocks", "detectron2.modeling.meta_arch.semantic_seg"):
-        assert bound[name] is hook
-    # the modules of the components the error messages name get a hook naming them
-    for name, component in detectron2_hook.STOCK_COMPONENTS.items():
-        assert isinstance(bound[name], detectron2_hook.StockGetNorm)
-        assert bound[name].component is component
-    assert L.install_get_norm_hook() is True  # idempotent
+            if fn is not None and callable(fn):
+                assert fn is original, f"{name}.get_norm is not detectron2's"
 
 
 def test_names_unknown_to_registry_fall_back_to_detectron2(monkeypatch):
@@ -180,36 +175,13 @@ def test_names_unknown_to_registry_fall_back_to_detectron2(monkeypatch):
             return nn.GroupNorm(1, channels)
         raise KeyError(norm)
 
-    monkeypatch.setitem(detectron2_hook._STATE, "original", newer_get_norm)
-    monkeypatch.setitem(detectron2_hook._STATE, "names", frozenset({"LN"}))
+    monkeypatch.setattr(detectron2_names, "_detectron2_get_norm", lambda: newer_get_norm)
+    monkeypatch.setattr(detectron2_names, "_NAMES", [])
+    assert detectron2_names.detectron2_norm_names() == frozenset({"LN"})
     assert isinstance(get_norm("LN", 8), nn.GroupNorm)
-    assert isinstance(detectron2_hook.detectron2_get_norm("LN", 8), nn.GroupNorm)
+    assert detectron2_names.detectron2_norm("NoSuchNorm", 8) is None
     with pytest.raises(L.UnknownNormError):
         get_norm("NoSuchNorm", 8)
-    with pytest.raises(L.UnknownNormError, match="a stock detectron2 component"):
-        detectron2_hook.detectron2_get_norm("NoSuchNorm", 8)
-
-
-def test_retinanet_head_type_probe():
-    """v0.6 RetinaNetHead calls get_norm(norm, 1) only to read the type: GN(32, 1) must not
-    fail for the GN variants a stock head honours."""
-    from detectron2.layers import ShapeSpec
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-
-    for name in ("GN_C16", "GN_G8", "GN_G32_FALLBACK"):
-        head = RetinaNetHead(input_shape=[ShapeSpec(channels=64)] * 2, num_classes=3,
-                             num_anchors=2, conv_dims=[64, 64], norm=name)
-        assert sum(isinstance(m, GroupNorm) for m in head.cls_subnet) == 2
-        logits, _ = head([torch.randn(1, 64, 8, 8), torch.randn(1, 64, 4, 4)])
-        assert torch.isfinite(logits[0]).all(), name
-    # a real layer whose width G does not divide still reports the width and G ("GN" itself
-    # is detectron2's own name and gives torch's GroupNorm: use a d2_norms spelling of G=32)
-    with pytest.raises(L.GroupNormDivisibilityError, match=r"48 channels.*G=32"):
-        RetinaNetHead(input_shape=[ShapeSpec(channels=48)], num_classes=3, num_anchors=2,
-                      conv_dims=[48], norm="GN_G32")
-    # only RetinaNet's binding treats width 1 as the type probe
-    with pytest.raises(L.GroupNormDivisibilityError, match="1 channels"):
-        detectron2_hook.detectron2_get_norm("GN_G32", 1)
 
 
 def test_syncbn_cpu_single_process_behaves_like_bn():
@@ -256,34 +228,31 @@ def test_syncbn_synchronises_on_cpu_with_gloo():
     torch.testing.assert_close(results[0][1], bn.running_mean, rtol=1e-4, atol=1e-5)
 
 
-def test_patch_reaches_modules_imported_before_d2_norms():
-    """A project that bound detectron2's get_norm before d2_norms was imported gets ours too."""
+def test_modules_imported_before_d2_norms_keep_detectron2s_get_norm():
+    """A project that bound detectron2's get_norm before d2_norms was imported keeps it."""
     import subprocess
 
-    import d2_norms.compat
-
     code = (
-        "import sys, types, importlib.util\n"
-        # shims without importing the d2_norms package (as with a full detectron2 build)
-        f"spec = importlib.util.spec_from_file_location('shims', {d2_norms.compat.__file__!r})\n"
-        "shims = importlib.util.module_from_spec(spec); spec.loader.exec_module(shims)\n"
-        "shims.apply()\n"
-        "from detectron2.layers import get_norm as original\n"
+        "import sys, types\n"
+        "import detectron2\n"
+        "try:\n"
+        "    from detectron2.layers import get_norm as original\n"
+        "except ImportError:\n"
+        "    import d2_norms\n"  # v0.6 without compiled ops imports only with d2_norms' shims
+        "    from detectron2.layers import get_norm as original\n"
         "project = types.ModuleType('some_d2_project')\n"
         "project.get_norm = original\n"
         "sys.modules['some_d2_project'] = project\n"
-        "import d2_norms, d2_norms.layers as L\n"
-        "hook = L.detectron2_hook.detectron2_get_norm\n"
-        "assert project.get_norm is hook\n"
+        "import d2_norms\n"
         "from detectron2.modeling.meta_arch import semantic_seg\n"
-        "assert semantic_seg.get_norm is hook\n"
-        "print(type(project.get_norm('GN_G8', 8)).__name__)\n"
+        "assert project.get_norm is original and semantic_seg.get_norm is original\n"
         "try:\n"
         "    project.get_norm('FRN', 8)\n"
-        "except L.StockComponentNormError as e:\n"
-        "    print('refused')\n"
+        "except KeyError:\n"
+        "    print('detectron2 refuses FRN itself')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["GroupNorm", "refused"]
+    assert out.stdout.strip().splitlines()[-1] == "detectron2 refuses FRN itself"
+

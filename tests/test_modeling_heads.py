@@ -111,11 +111,37 @@ def with_stock_heads(cfg, norm=None):
     if norm is not None:
         for node in ("RETINANET", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
             getattr(cfg.MODEL, node).NORM = norm
-    if cfg.MODEL.RETINANET.NORM == "GN":
-        # detectron2's RetinaNetHead builds GroupNorm(32, 1) to read the norm's type, which
-        # fails (its own bug); the registry's spelling of G=32 builds the same layers.
-        cfg.MODEL.RETINANET.NORM = "GN_G32"
     return cfg
+
+
+def stock_gn(channels):
+    """detectron2's "GN" (``nn.GroupNorm(32, channels)``); width 1 is v0.6's type probe."""
+    return nn.GroupNorm(32 if channels % 32 == 0 else 1, channels)
+
+
+def stock_retinanet_head(cfg, input_shapes):
+    """detectron2's RetinaNetHead for ``cfg``. detectron2 v0.6's head builds get_norm(norm, 1)
+    to read the norm's type, and GroupNorm(32, 1) fails (its own bug); its get_norm also takes
+    a callable, so "GN" is given as one that builds detectron2's GN layer for every real
+    width (yacs holds only strings, hence the explicit arguments)."""
+    kwargs = RetinaNetHead.from_config(cfg, input_shapes)
+    if kwargs["norm"] == "GN":
+        kwargs["norm"] = stock_gn
+    return RetinaNetHead(**kwargs)
+
+
+def build_stock_model(cfg):
+    """``build_model`` of a config with detectron2's heads (RetinaNet with "GN": the head from
+    :func:`stock_retinanet_head`)."""
+    if cfg.MODEL.META_ARCHITECTURE != "RetinaNet" or cfg.MODEL.RETINANET.NORM != "GN":
+        return build_model(cfg)
+    plain = cfg.clone()
+    plain.defrost()
+    plain.MODEL.RETINANET.NORM = ""
+    kwargs = RetinaNet.from_config(plain)  # builds a head without norm first: replaced below
+    shapes = kwargs["backbone"].output_shape()
+    kwargs["head"] = stock_retinanet_head(cfg, [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
+    return RetinaNet(**kwargs).to(torch.device(cfg.MODEL.DEVICE))
 
 
 def head_kinds(cfg):
@@ -134,8 +160,8 @@ def build_head(cfg, kind, *, stock=False, seed=0):
     if stock:
         cfg = with_stock_heads(cfg)
     if kind == "retinanet":
-        cls = RetinaNetHead if stock else D2NormsRetinaNetHead
-        return cls(cfg, _feature_shapes(cfg.MODEL.RETINANET.IN_FEATURES, fpn))
+        shapes = _feature_shapes(cfg.MODEL.RETINANET.IN_FEATURES, fpn)
+        return stock_retinanet_head(cfg, shapes) if stock else D2NormsRetinaNetHead(cfg, shapes)
     if kind == "rpn":
         cls = StandardRPNHead if stock else D2NormsRPNHead
         return cls(cfg, _feature_shapes(cfg.MODEL.RPN.IN_FEATURES, fpn))
@@ -478,7 +504,7 @@ def test_registered_in_detectron2(registry, name, cls):
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_configs_select_registered_heads_and_stock_names_stay_stock(tmp_path, detector):
     cfg = detector_cfg(tmp_path, detector, "GN", 18)
-    ours, stock = build_model(cfg), build_model(with_stock_heads(cfg))
+    ours, stock = build_model(cfg), build_stock_model(with_stock_heads(cfg))
     for kind, head in heads_of(ours).items():
         assert type(head) in STOCK_OF and isinstance(head, STOCK_OF[type(head)]), kind
         assert type(heads_of(stock)[kind]) is STOCK_OF[type(head)], kind
@@ -628,7 +654,7 @@ def test_model_matches_stock_heads(tmp_path, detector, norm):
     bitwise reproducible), identical raw outputs and predictions (eval), the same buffers."""
     cfg = detector_cfg(tmp_path, detector, norm, 18, head_norm=norm)
     torch.manual_seed(0)
-    stock = perturb_(build_model(with_stock_heads(cfg)))
+    stock = perturb_(build_stock_model(with_stock_heads(cfg)))
     torch.manual_seed(0)
     ours = build_model(cfg)
     ours.load_state_dict(stock.state_dict(), strict=True)
@@ -661,7 +687,7 @@ def test_model_matches_stock_heads(tmp_path, detector, norm):
 def test_stock_head_checkpoint_loads(tmp_path):
     # A checkpoint of detectron2's heads (GN) loads into d2_norms' heads unchanged.
     cfg = detector_cfg(tmp_path, "mask_rcnn", "GN", 18)
-    stock = perturb_(build_model(with_stock_heads(cfg)))
+    stock = perturb_(build_stock_model(with_stock_heads(cfg)))
     DetectionCheckpointer(stock, save_dir=str(tmp_path)).save("stock")
     ours = build_model(cfg)
     DetectionCheckpointer(ours).load(str(tmp_path / "stock.pth"))

@@ -400,3 +400,22 @@ def test_finetuning_from_converted_weights(converted, tmp_path, run_command):
         assert torch.equal(final["backbone.bottom_up." + key], converted_weights[key]), key
     assert any(not torch.equal(final["backbone.bottom_up." + k], converted_weights[k])
                for k in trained)
+
+
+@needs_timm
+def test_converted_file_says_what_it_holds_and_another_norm_is_refused(converted):
+    """The converted file records its backbone's normalizer: its fine-tuning configs take it,
+    a config of another normalizer with the same shapes is refused before training."""
+    from d2_norms.config_checks import NORM_RECORD, weights_norm_problem
+
+    name, _, path = converted
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    holds = P.get_timm_spec(name).cfg_settings["MODEL.RESNETS.NORM"]
+    assert checkpoint[NORM_RECORD]["norms"] == {"MODEL.RESNETS.NORM": holds}
+    for config in P.get_timm_spec(name).finetune_configs:
+        cfg = finetune_cfg(os.path.join(REPO, "configs", config))
+        assert weights_norm_problem(cfg, checkpoint, path) is None, config
+        other = cfg.clone()
+        other.MODEL.RESNETS.NORM = "GNWS" if holds == "GN" else "GN"
+        problem = weights_norm_problem(other, checkpoint, path)
+        assert f"MODEL.RESNETS.NORM: {holds!r} in the weights" in problem, problem

@@ -53,9 +53,12 @@ def gn_run(tmp_path_factory):
     cfg = setup_cfg(args, log=False)
     model = Trainer.build_model(cfg)
     (run / "config.yaml").write_text(cfg.dump())
+    from d2_norms.config_checks import norm_record
     from d2_norms.engine.checkpoint import AtomicCheckpointer
 
-    AtomicCheckpointer(model, str(run)).save("model_final", iteration=9)
+    checkpointer = AtomicCheckpointer(model, str(run))
+    checkpointer.record = norm_record(cfg)  # as the trainer sets it
+    checkpointer.save("model_final", iteration=9)
     return run
 
 
@@ -109,8 +112,9 @@ def test_unknown_norm_name_reaches_the_user_with_the_config_keys(existing_run, c
     before = snapshot(existing_run)
     err = cli_error(["--config-file", CONFIG, *TINY, "MODEL.RESNETS.NORM", "GroupNorm",
                      "OUTPUT_DIR", str(existing_run)], capsys)
-    assert "UnknownNormError" in err and "Unknown norm 'GroupNorm'" in err
-    assert "Registered norms:" in err and "MODEL.RESNETS.NORM='GroupNorm'" in err
+    assert "InputProblemsError" in err and "1 problem in" in err and "nothing was written" in err
+    assert "MODEL.RESNETS.NORM='GroupNorm': unknown normalizer name" in err
+    assert "Known names:" in err and " GNWS," in err
     assert snapshot(existing_run) == before  # config.yaml was not overwritten
 
 
@@ -118,7 +122,7 @@ def test_gn_groups_not_dividing_a_layer(existing_run, capsys):
     before = snapshot(existing_run)
     err = cli_error(["--config-file", CONFIG, *TINY, "MODEL.FPN.NORM", "GN_G48",
                      "OUTPUT_DIR", str(existing_run)], capsys)
-    assert "GroupNormDivisibilityError" in err
+    assert "1 problem in" in err and "GroupNormDivisibilityError:" in err
     assert "128 channels cannot be split into G=48 groups" in err
     assert "MODEL.FPN.NORM='GN_G48'" in err
     assert snapshot(existing_run) == before
@@ -166,6 +170,9 @@ def test_eval_only_refuses_weights_of_another_normalizer(gn_run, tmp_path, capsy
     assert f"pass --config-file {gn_run / 'config.yaml'}" in err
     assert "MODEL.RESNETS.NORM: 'GN' there, 'FRN' here" in err
     assert "--allow-partial-weights" in err
+    # the checkpoint records its normalizers: that is said too
+    assert "trained (or converted) with other normalizers" in err
+    assert "MODEL.RESNETS.NORM: 'GN' in the weights, 'FRN' in the config" in err
     assert not out.exists()  # no results.json, nothing
 
 
@@ -190,10 +197,91 @@ def test_eval_only_with_missing_weights_file(tmp_path, capsys):
 
 
 def test_allow_partial_weights_overrides_the_refusal(gn_run):
-    args = argv_args(["--eval-only", "--allow-partial-weights", "--config-file", CONFIG, *TINY,
-                      "MODEL.RESNETS.NORM", "FRN",
+    args = argv_args(["--eval-only", "--allow-partial-weights", "--allow-norm-mismatch",
+                      "--config-file", CONFIG, *TINY, "MODEL.RESNETS.NORM", "FRN",
                       "MODEL.WEIGHTS", str(gn_run / "model_final.pth")])
     preflight(args, 1)  # no error
+
+
+@pytest.mark.parametrize("eval_only", [True, False])
+def test_weights_of_another_normalizer_with_the_same_shapes_are_refused(gn_run, tmp_path,
+                                                                         capsys, eval_only):
+    """GN weights into the GN+WS model: every shape fits, the network is another one."""
+    out = tmp_path / "o"
+    argv = ["--config-file", CONFIG, *TINY, "MODEL.RESNETS.NORM", "GNWS", "MODEL.FPN.NORM",
+            "GNWS", "MODEL.WEIGHTS", str(gn_run / "model_final.pth"), "OUTPUT_DIR", str(out)]
+    err = cli_error((["--eval-only"] if eval_only else []) + argv, capsys)
+    assert "other normalizers than the config builds" in err
+    assert "MODEL.RESNETS.NORM: 'GN' in the weights, 'GNWS' in the config" in err
+    assert "MODEL.FPN.NORM: 'GN' in the weights, 'GNWS' in the config" in err
+    assert "--allow-norm-mismatch" in err and "do not match" not in err  # shapes fit
+    assert not out.exists()
+    args = argv_args((["--eval-only"] if eval_only else []) + ["--allow-norm-mismatch"] + argv)
+    preflight(args, 1)  # asked for explicitly: allowed
+
+
+@pytest.mark.parametrize("eval_only", [True, False])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_weights_file_is_refused_before_anything_is_written(gn_run, tmp_path, capsys,
+                                                                       eval_only, damage):
+    data = (gn_run / "model_final.pth").read_bytes()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 9)
+    out = tmp_path / "o"
+    err = cli_error((["--eval-only"] if eval_only else [])
+                    + ["--config-file", CONFIG, *TINY, "MODEL.WEIGHTS", str(bad),
+                       "OUTPUT_DIR", str(out)], capsys)
+    assert f"weights file {bad} cannot be read as a checkpoint" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_training_records_the_normalizers_in_its_checkpoints(gn_run):
+    from d2_norms.config_checks import NORM_RECORD
+
+    saved = torch.load(gn_run / "model_final.pth", weights_only=False)
+    assert saved[NORM_RECORD]["norms"] == {
+        "MODEL.RESNETS.NORM": "GN", "MODEL.FPN.NORM": "GN", "MODEL.RPN.NORM": "",
+        "MODEL.ROI_BOX_HEAD.NORM": "GN", "MODEL.ROI_MASK_HEAD.NORM": "GN"}
+
+
+def test_no_config_file(capsys):
+    err = cli_error([], capsys)
+    assert "no --config-file given" in err
+
+
+def test_every_problem_of_a_config_in_one_message(tmp_path, capsys):
+    out = tmp_path / "o"
+    err = cli_error(["--config-file", CONFIG, *TINY, "MODEL.RESNETS.NORM", "GroupNorm",
+                     "MODEL.ROI_BOX_HEAD.NORM", "FNR", "SOLVER.IMS_PER_BATCH", "3",
+                     "--num-gpus", "2", "MODEL.WEIGHTS", str(tmp_path / "gone.pth"),
+                     "OUTPUT_DIR", str(out)], capsys)
+    assert "4 problems in" in err, err
+    for text in ("MODEL.RESNETS.NORM='GroupNorm'", "MODEL.ROI_BOX_HEAD.NORM='FNR'",
+                 "cannot be split evenly over 2 processes", "gone.pth does not exist"):
+        assert text in err, text
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("stock", ["COCO-Detection/retinanet_R_50_FPN_1x.yaml",
+                                   "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"])
+def test_detectron2_1x_yaml_with_d2_norms_names(stock_configs_dir, tmp_path, capsys, stock):
+    """detectron2's own 1x YAMLs with d2_norms' names: every key to change in one message, exit
+    code 2, OUTPUT_DIR never created."""
+    out = tmp_path / "o"
+    norms = ["MODEL.RESNETS.NORM", "FRN", "MODEL.FPN.NORM", "FRN"]
+    heads = (["MODEL.RETINANET.NORM", "FRN", "MODEL.RETINANET.NUM_CLASSES", "3"]
+             if "retinanet" in stock else
+             ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ROI_BOX_HEAD.NORM", "GNWS", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",
+              "MODEL.ROI_MASK_HEAD.NORM", "NF", "MODEL.RPN.NORM", "GN"])
+    err = cli_error(["--config-file", os.path.join(stock_configs_dir, stock), *TINY,
+                     "MODEL.WEIGHTS", "", *norms, *heads, "OUTPUT_DIR", str(out)], capsys)
+    keys = [heads[i] for i in range(0, len(heads), 2) if heads[i].endswith("NORM")]
+    assert f"{2 + len(keys)} problems in" in err, err
+    for key in ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM"] + keys:
+        assert f"{key}=" in err, key
+    for use in ("build_d2n_", "D2NormsRetinaNet" if "retinanet" in stock else "D2NormsConvFCHead"):
+        assert use in err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_resume_with_a_changed_model_is_refused_and_keeps_the_run(existing_run, capsys):
@@ -297,7 +385,7 @@ def test_train_net_script_reports_missing_dataset_root_before_starting_workers(t
          "DATASETS.TRAIN", "('coco_2017_train',)", "OUTPUT_DIR", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "ERROR (DatasetError)" in out.stderr
+    assert "ERROR (InputProblemsError)" in out.stderr and "DatasetError:" in out.stderr
     assert str(tmp_path / "no_datasets") in out.stderr and "DETECTRON2_DATASETS" in out.stderr
     assert "Traceback" not in out.stderr and "Rank of current process" not in out.stdout
     assert not (tmp_path / "o").exists()
@@ -312,7 +400,7 @@ def test_flags_after_the_config_overrides_are_not_merged_into_the_config():
 
 
 def test_parser_takes_every_detectron2_flag_with_detectron2s_meaning():
-    """argument_parser is detectron2's default_argument_parser (as `parents`) plus one flag: a
+    """argument_parser is detectron2's default_argument_parser (as `parents`) plus two flags: a
     command line written for detectron2's tools parses to the same values here."""
     from detectron2.engine import default_argument_parser
 
@@ -321,11 +409,23 @@ def test_parser_takes_every_detectron2_flag_with_detectron2s_meaning():
     stock, ours = default_argument_parser(), argument_parser()
     stock_flags = {s for a in stock._actions for s in a.option_strings}
     ours_flags = {s for a in ours._actions for s in a.option_strings}
-    assert ours_flags - stock_flags == {"--allow-partial-weights"}
+    assert ours_flags - stock_flags == {"--allow-partial-weights", "--allow-norm-mismatch"}
     assert stock_flags <= ours_flags
     argv = ["--config-file", CONFIG, "--resume", "--eval-only", "--num-gpus", "2",
             "--num-machines", "1", "--machine-rank", "0", "--dist-url", "tcp://127.0.0.1:1234",
             "SOLVER.BASE_LR", "0.1"]
     want, got = vars(stock.parse_args(argv)), vars(ours.parse_args(argv))
     assert {k: got[k] for k in want} == want
-    assert got["allow_partial_weights"] is False
+    assert got["allow_partial_weights"] is False and got["allow_norm_mismatch"] is False
+
+
+def test_divergence_remedies_name_the_input_scale_for_nf():
+    from d2_norms.engine.errors import divergence_remedies
+
+    args = type("A", (), {"config_file": CONFIG, "opts": TINY + [
+        "MODEL.BACKBONE.NAME", "build_d2n_resnet_fpn_backbone", "MODEL.RESNETS.NORM", "NF",
+        "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]"]})
+    text = divergence_remedies(setup_cfg(args, log=False))
+    assert "MODEL.PIXEL_STD (now [1.0, 1.0, 1.0])" in text and "~58x too large" in text
+    args.opts = TINY  # GN: not mentioned
+    assert "PIXEL_STD" not in divergence_remedies(setup_cfg(args, log=False))

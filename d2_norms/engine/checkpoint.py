@@ -67,13 +67,21 @@ class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose files and ``last_checkpoint`` pointer are written atomically
     (see the module docstring). Same constructor and API."""
 
+    #: ``d2_norms.config_checks.norm_record(cfg)`` of the model, saved with every checkpoint
+    #: (under ``NORM_RECORD``) so that loading it into another normalizer's model is refused.
+    record = None
+
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
+        from d2_norms.config_checks import NORM_RECORD
+
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
+        if self.record is not None:
+            data.setdefault(NORM_RECORD, self.record)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)

@@ -13,6 +13,8 @@ logger = logging.getLogger("d2_norms")
 
 ALLOW_PARTIAL_HELP = ("evaluate (--eval-only) or resume even if the weights do not match the "
                       "model: missing parts stay randomly initialised")
+ALLOW_NORM_MISMATCH_HELP = ("use weights whose checkpoint records other normalizers than the "
+                            "config builds (e.g. GN weights as the start of a GN+WS model)")
 
 
 class _FlagsAnywhereParser(argparse.ArgumentParser):
@@ -61,6 +63,8 @@ def argument_parser(epilog=None) -> argparse.ArgumentParser:
                            "CPU processes joined with gloo otherwise")
     let_launcher_decide(parser)  # None = not given; torchrun's values when it started us
     parser.add_argument("--allow-partial-weights", action="store_true", help=ALLOW_PARTIAL_HELP)
+    parser.add_argument("--allow-norm-mismatch", action="store_true",
+                        help=ALLOW_NORM_MISMATCH_HELP)
     return parser
 
 
@@ -114,45 +118,68 @@ class YacsRun:
 
 def preflight(args, world_size: int, run: "YacsRun" = None):
     """Every check that can fail on bad input, before worker processes start and before
-    anything is written to OUTPUT_DIR. Returns the config."""
+    anything is written to OUTPUT_DIR. All problems are collected and raised together
+    (:class:`~d2_norms.engine.errors.InputProblemsError`, one message, exit code 2).
+    Returns the config."""
+    from d2_norms.config_checks import norm_problems
     from d2_norms.data import check_datasets
 
+    from .errors import ConfigFileError, InputProblemsError, Problems, WeightsMismatchError
     from .preflight import (check_batch_split, check_model_builds, check_weights_file,
                             eval_weights_path, last_checkpoint_path)
 
     run = run or YacsRun()
-    cfg = run.setup_cfg(args, log=False)
-    run.extra_checks(args, cfg)
+    if not getattr(args, "config_file", ""):
+        raise InputProblemsError([ConfigFileError(
+            "no --config-file given: pass --config-file configs/<config> (e.g. one of "
+            "configs/COCO-scratch/*.yaml, or detectron2's model-zoo YAML with d2_norms' "
+            "components)")])
+    cfg = run.setup_cfg(args, log=False)  # a key typo stops here (the config is unknown)
+    problems = Problems()
+    with problems.check():
+        run.extra_checks(args, cfg)
     if not args.eval_only:
-        check_batch_split(cfg, world_size)
-        check_datasets(cfg, deep=True)
+        with problems.check():
+            check_batch_split(cfg, world_size)
+        with problems.check():
+            check_datasets(cfg, deep=True)
     else:
         test_only = cfg.clone()  # evaluation needs only the test sets
         test_only.defrost()
         test_only.DATASETS.TRAIN = ()
-        check_datasets(test_only, deep=True)
-    shapes = check_model_builds(cfg, args.config_file)
+        with problems.check():
+            check_datasets(test_only, deep=True)
+    norms = norm_problems(cfg)
+    problems.extend(norms)
+    shapes = None
+    if not norms:  # the model can only be built once its norm names are right
+        with problems.check():
+            shapes = check_model_builds(cfg, args.config_file)
     allow = getattr(args, "allow_partial_weights", False)
+    allow_norms = getattr(args, "allow_norm_mismatch", False)
     override = ("(--allow-partial-weights " + ("evaluates" if args.eval_only else "resumes")
                 + " anyway.)")
-    if args.eval_only:
-        weights = eval_weights_path(cfg, args.resume)
-        if not weights:
-            from .errors import WeightsMismatchError
-
-            raise WeightsMismatchError(
-                "--eval-only needs weights: set MODEL.WEIGHTS to a checkpoint (e.g. "
-                "OUTPUT_DIR/model_final.pth of a training run), or pass --resume with the run's "
-                "OUTPUT_DIR; evaluating a randomly initialised model is refused.")
-        if shapes is not None:
-            check_weights_file(cfg, weights, shapes, action="evaluate",
-                               config_file=args.config_file, allow_partial=allow,
-                               override=override)
-    elif args.resume and shapes is not None:
-        path = last_checkpoint_path(cfg.OUTPUT_DIR)
-        if path:
-            check_weights_file(cfg, path, shapes, action="resume", config_file=args.config_file,
-                               allow_partial=allow, override=override)
+    checks = dict(config_file=args.config_file, allow_partial=allow, override=override,
+                  allow_norm_mismatch=allow_norms)
+    with problems.check():
+        if args.eval_only:
+            weights = eval_weights_path(cfg, args.resume)
+            if not weights:
+                raise WeightsMismatchError(
+                    "--eval-only needs weights: set MODEL.WEIGHTS to a checkpoint (e.g. "
+                    "OUTPUT_DIR/model_final.pth of a training run), or pass --resume with the "
+                    "run's OUTPUT_DIR; evaluating a randomly initialised model is refused.")
+            check_weights_file(cfg, weights, shapes, action="evaluate", **checks)
+        else:
+            path = last_checkpoint_path(cfg.OUTPUT_DIR) if args.resume else None
+            if path:
+                check_weights_file(cfg, path, shapes, action="resume", **checks)
+            elif cfg.MODEL.WEIGHTS:
+                # initialisation: partial matches are normal (a backbone-only file); the file
+                # must be readable and made for this config's normalizers
+                check_weights_file(cfg, cfg.MODEL.WEIGHTS, None, action="initialise from",
+                                   **checks)
+    problems.raise_if_any(args.config_file)
     return cfg
 
 
@@ -169,7 +196,8 @@ def _evaluate_only(cfg, args, run: "YacsRun" = None):
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     checkpointer.preloaded = (weights, check_weights_file(
         cfg, weights, shapes, action="evaluate", config_file=args.config_file,
-        allow_partial=getattr(args, "allow_partial_weights", False)))
+        allow_partial=getattr(args, "allow_partial_weights", False),
+        allow_norm_mismatch=getattr(args, "allow_norm_mismatch", False)))
     extra = checkpointer.load(weights) or {}
     # Our checkpoints store the last finished iteration's index; training reports the number
     # of finished iterations (max_iter), so +1 here. Weights without it (converted/zoo): None.
@@ -200,7 +228,8 @@ def main(args, run: "YacsRun" = None):
 
     trainer = run.trainer(cfg, args)
     trainer.resume_or_load(resume=args.resume,
-                           allow_partial=getattr(args, "allow_partial_weights", False))
+                           allow_partial=getattr(args, "allow_partial_weights", False),
+                           allow_norm_mismatch=getattr(args, "allow_norm_mismatch", False))
     if comm.is_main_process():
         write_run_status(cfg.OUTPUT_DIR, "running", start_iter=trainer.start_iter,
                          max_iter=trainer.max_iter)

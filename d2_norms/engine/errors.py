@@ -43,14 +43,71 @@ class LazyConfigError(ValueError):
     """A LazyConfig that cannot be loaded, overridden or saved (tools/lazyconfig_train_net.py)."""
 
 
+class InputProblemsError(ValueError):
+    """Every problem the preflight found in the input (config, data, weights), in one message."""
+
+    def __init__(self, problems, what: str = "the input"):
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = [f"{n} problem{'s' if n != 1 else ''} in {what}; nothing was written "
+                 f"(fix {'them' if n != 1 else 'it'} and run the same command again):"]
+        for i, problem in enumerate(self.problems, 1):
+            text = str(problem).replace("\n", "\n     ")
+            lines.append(f"  {i}. {text}")
+        super().__init__("\n".join(lines))
+
+
+class Problems:
+    """Collects input problems: ``with problems.check(): ...`` records a user error (an
+    instance of :func:`user_error_types`) instead of raising it; :meth:`raise_if_any` raises
+    one :class:`InputProblemsError` listing all of them."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def extend(self, messages) -> None:
+        self.items.extend(messages)
+
+    def check(self):
+        problems = self
+
+        class _Collect:
+            def __enter__(self):
+                return problems
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc is None or not isinstance(exc, user_error_types()):
+                    return False
+                if isinstance(exc, InputProblemsError):
+                    problems.extend(exc.problems)
+                else:  # the error's name helps when searching the docs and issues
+                    problems.add(f"{type(exc).__name__}: {exc}")
+                return True
+
+        return _Collect()
+
+    def __bool__(self):
+        return bool(self.items)
+
+    def raise_if_any(self, what: str = "the input") -> None:
+        if self.items:
+            raise InputProblemsError(self.items, what)
+
+
 def user_error_types() -> tuple:
     """Exception types that mean "fix your input" (printed without a traceback)."""
     from d2_norms.data import DatasetError
     from d2_norms.layers import GroupNormDivisibilityError, UnknownNormError
 
+    from d2_norms.modeling.heads import HeadNormError
+
     return (ConfigKeyError, ConfigFileError, BatchSizeError, WeightsMismatchError,
             NonFiniteLossError, NonFiniteWeightsError, DatasetError, UnknownNormError,
-            GroupNormDivisibilityError, DistributedSetupError, LazyConfigError)
+            GroupNormDivisibilityError, DistributedSetupError, LazyConfigError,
+            InputProblemsError, HeadNormError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,6 +154,13 @@ def divergence_remedies(cfg) -> str:
         "without activation normalization (NF) have nothing to absorb a bad step"
         + (" (this run uses NF)" if "NF" in norms else ""),
     ]
+    if "NF" in norms:
+        std = [float(v) for v in (_get(cfg, "MODEL.PIXEL_STD", None) or [])]
+        lines.insert(0, (
+            f"- with NF: unit-variance inputs, MODEL.PIXEL_STD (now {std}); the NF-ResNet's "
+            "signal propagation assumes them (NF paper sec. 3-4), on 0-255 pixels that is "
+            "[57.375, 57.12, 58.395] (BGR)" + (" - this run's inputs are ~58x too large"
+                                               if std and max(std) < 10 else "")))
     return "Usual remedies:\n  " + "\n  ".join(lines)
 
 

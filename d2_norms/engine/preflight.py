@@ -297,31 +297,66 @@ class _CheckpointReader(DetectionCheckpointer):
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    """A checkpoint file as detectron2 reads it (``.pth``, detectron2/Caffe2 ``.pkl``)."""
+    """A checkpoint file as detectron2 reads it (``.pth``, detectron2/Caffe2 ``.pkl``).
+
+    Raises WeightsMismatchError for a file that does not exist or cannot be read (truncated,
+    not a checkpoint), naming the file and what to do."""
     reader = _CheckpointReader(torch.nn.Module(), save_to_disk=False)
-    local = reader.path_manager.get_local_path(path)
+    try:
+        local = reader.path_manager.get_local_path(path)
+    except Exception as e:  # URL that cannot be fetched, unknown scheme
+        raise WeightsMismatchError(f"weights file {path} cannot be fetched ({type(e).__name__}: "
+                                   f"{e}); download it and set MODEL.WEIGHTS to the local file"
+                                   ) from None
     if not os.path.isfile(local):
         raise WeightsMismatchError(f"weights file {path} does not exist (MODEL.WEIGHTS, or the "
                                    "checkpoint last_checkpoint names)")
-    return reader.load(path, checkpointables=[])
+    try:
+        checkpoint = reader.load(path, checkpointables=[])
+    except Exception as e:  # truncated zip, pickle garbage, a file of another kind
+        raise WeightsMismatchError(
+            f"weights file {path} cannot be read as a checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). It may be incomplete (an interrupted "
+            "copy or download) or not a checkpoint (.pth saved by torch.save, or a detectron2 / "
+            "Caffe2 .pkl); copy it again or point MODEL.WEIGHTS at another file.") from None
+    if not isinstance(checkpoint, dict):
+        raise WeightsMismatchError(f"weights file {path} holds a {type(checkpoint).__name__}, "
+                                   "not a checkpoint dict (a state dict under 'model')")
+    return checkpoint
 
 
 def check_weights_file(cfg, path: str, model_shapes, *, action: str, config_file: str = "",
-                       allow_partial: bool = False, override: str = "") -> Dict[str, Any]:
-    """Read ``path`` and raise WeightsMismatchError if it does not fit ``model_shapes`` (unless
-    ``allow_partial``, then only log). Returns the loaded checkpoint."""
+                       allow_partial: bool = False, override: str = "",
+                       allow_norm_mismatch: bool = False) -> Dict[str, Any]:
+    """Read ``path`` and raise WeightsMismatchError if it cannot be read, was made with other
+    normalizers than ``cfg`` builds (unless ``allow_norm_mismatch``), or does not fit
+    ``model_shapes`` (unless ``allow_partial``, then only log; ``model_shapes`` None: no shape
+    check, as for initialisation weights). Returns the loaded checkpoint."""
+    from d2_norms.config_checks import weights_norm_problem
+
     checkpoint = read_checkpoint(path)
-    if checkpoint.get("matching_heuristics", False):
+    refusals = []
+    norm_problem = weights_norm_problem(cfg, checkpoint, path,
+                                        "--allow-norm-mismatch uses them anyway")
+    if norm_problem is not None:
+        if allow_norm_mismatch:
+            logger.warning("%s\n(continuing: --allow-norm-mismatch)", norm_problem)
+        else:
+            refusals.append(f"refusing to {action} these weights: {norm_problem}")
+    if model_shapes is not None and not checkpoint.get("matching_heuristics", False):
+        state = checkpoint.get("model", checkpoint)
+        problems = weights_problems(model_shapes, state)
+        if has_problems(problems):
+            message = mismatch_message(problems, cfg, path, action, config_file, override)
+            if allow_partial:
+                logger.warning("%s\n(continuing: partial weights were allowed)", message)
+            else:
+                refusals.append(message)
+    elif model_shapes is not None:
         logger.warning("%s is a Caffe2/pycls model-zoo file loaded by name heuristics; its keys "
                        "are not checked", path)
-        return checkpoint
-    state = checkpoint.get("model", checkpoint)
-    problems = weights_problems(model_shapes, state)
-    if has_problems(problems):
-        message = mismatch_message(problems, cfg, path, action, config_file, override)
-        if not allow_partial:
-            raise WeightsMismatchError(message)
-        logger.warning("%s\n(continuing: partial weights were allowed)", message)
+    if refusals:
+        raise WeightsMismatchError("\n".join(refusals))
     return checkpoint
 
 

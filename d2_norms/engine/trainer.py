@@ -15,6 +15,8 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
+from d2_norms.config_checks import norm_record
+
 from .checkpoint import (AtomicCheckpointer, CheckpointHook, gather_rng_states, isolated_rng,
                          non_finite_entries, remove_stale_temp_files, restore_rng_state)
 from .errors import (NonFiniteLossError, NonFiniteWeightsError, divergence_remedies,
@@ -131,6 +133,8 @@ class Trainer(DefaultTrainer):
         self._config_base_lrs = list(getattr(self.scheduler, "base_lrs", []))
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR,
                                                trainer=weakref.proxy(self))
+        # which normalizer built each part: checked when the weights are loaded into a model
+        self.checkpointer.record = norm_record(cfg)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -301,7 +305,8 @@ class Trainer(DefaultTrainer):
                 f"changing the config).\n{divergence_remedies(self.cfg)}")
 
     # -- resume ------------------------------------------------------------------------------
-    def resume_or_load(self, resume=True, *, allow_partial: bool = False):
+    def resume_or_load(self, resume=True, *, allow_partial: bool = False,
+                       allow_norm_mismatch: bool = False):
         """``resume``: continue from OUTPUT_DIR's last complete checkpoint - weights (which must
         match the model), optimizer, scheduler, iteration, RNG states, data order. Otherwise
         (or with no checkpoint there) load MODEL.WEIGHTS as initialisation (partial matches
@@ -315,7 +320,8 @@ class Trainer(DefaultTrainer):
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             logger.info("Loading checkpoint from %s to resume training", path)
             checkpoint = check_weights_file(self.cfg, path, shapes, action="resume",
-                                            allow_partial=allow_partial)
+                                            allow_partial=allow_partial,
+                                            allow_norm_mismatch=allow_norm_mismatch)
             self.checkpointer.preloaded = (path, checkpoint)
             self.checkpointer.load(path)
             self.start_iter = self.iter + 1

@@ -11,11 +11,13 @@
   :func:`register_norm` for third parties;
 * ``conv_norm_act.py``: the one composer (:func:`resolve_norm`, :func:`conv_norm_act`,
   :func:`get_norm_act`) every d2_norms component builds its layers with;
-* ``detectron2_hook.py``: what detectron2's ``get_norm`` does with these names (installed on
-  import: detectron2's names unchanged, names a stock component cannot honour refused).
+* ``detectron2_names.py``: which names detectron2's own ``get_norm`` builds (read, never
+  changed: importing d2_norms leaves detectron2's ``get_norm`` and stock components as they are;
+  a stock component asked for a d2_norms name is refused by the config checks,
+  :mod:`d2_norms.config_checks`, before anything is built).
 """
 from .conv_norm_act import NormAct, ResolvedNorm, conv_norm_act, get_norm_act, resolve_norm
-from .detectron2_hook import StockComponentNormError, install_get_norm_hook
+from .detectron2_names import detectron2_norm, detectron2_norm_names
 from .frn import (FRN, TLU, FilterResponseNorm2d, filter_response_norm,
                   frn_compile_cache_sizes, frn_compiled_available, frn_reference, get_frn_impl,
                   set_frn_impl)
@@ -30,7 +32,6 @@ from .weight_std import (RELU_GAIN, ScaledStdConv2d, WSConv2d, activation_gain,
                          standardize_weight)
 
 _register_builtins()
-install_get_norm_hook()
 
 __all__ = [
     "FRN", "TLU", "FilterResponseNorm2d", "filter_response_norm", "frn_reference",
@@ -43,5 +44,5 @@ __all__ = [
     "get_norm_spec", "norm_conv_kind", "norm_uses_weight_standardization", "register_norm",
     "registered_norms", "unregister_norm",
     "NormAct", "ResolvedNorm", "resolve_norm", "conv_norm_act", "get_norm_act",
-    "StockComponentNormError", "install_get_norm_hook",
+    "detectron2_norm", "detectron2_norm_names",
 ]

@@ -21,8 +21,8 @@ and detectron2's debugging names ``nnSyncBN``, ``naiveSyncBN``, ``naiveSyncBN_N`
 This module only maps names to :class:`NormSpec` entries; it builds nothing into models and
 patches nothing. Modules are composed from a spec in one place,
 :mod:`d2_norms.layers.conv_norm_act` (conv of the kind the norm needs, the norm, its paired
-activation). How detectron2's own ``get_norm`` reaches these names (and where it refuses them):
-:mod:`d2_norms.layers.detectron2_hook`.
+activation). detectron2's own ``get_norm`` is not changed: stock components build only
+detectron2's names, and :mod:`d2_norms.config_checks` refuses a d2_norms name given to one.
 
 Third-party normalizers: ``@register_norm(name, activation=..., conv=..., norm_act=...)`` on a
 factory ``channels -> nn.Module``; every d2_norms component (backbones, FPN, heads) then builds
@@ -113,10 +113,9 @@ def register_norm(name: str, *, activation: Union[str, None, Callable] = "relu",
             return MyNorm(channels)
 
     After this, ``MODEL.*.NORM: "MyNorm"`` works in every d2_norms component (backbones, FPN,
-    heads), each building ``MyNorm`` followed by SiLU. Stock detectron2 components, which
-    follow every norm with ReLU after a plain conv, refuse it
-    (:mod:`d2_norms.layers.detectron2_hook`); a norm registered with ``activation="relu"``
-    and ``conv="plain"`` works there too.
+    heads), each building ``MyNorm`` followed by SiLU. Stock detectron2 components build only
+    detectron2's own names; d2_norms' config checks (:mod:`d2_norms.config_checks`) refuse a
+    registered name given to one, before anything is built, naming the d2_norms component.
     """
     _check_name(name)
     if name == "":
@@ -234,7 +233,7 @@ def get_norm(norm, out_channels):
         try:
             spec = get_norm_spec(norm)
         except UnknownNormError:
-            from .detectron2_hook import detectron2_norm
+            from .detectron2_names import detectron2_norm
 
             module = detectron2_norm(norm, out_channels)  # names only detectron2 knows ("LN")
             if module is None:

@@ -307,8 +307,13 @@ def convert_timm_state_dict(model_name: str, state_dict: Mapping[str, torch.Tens
         if not torch.isfinite(value).all():
             raise ConversionError(f"{_d2_to_timm_name(spec, d2_key)} holds non-finite values")
         model[d2_key] = value
+    from d2_norms.config_checks import NORM_RECORD
+
+    # what the file holds: the backbone's normalizer, checked when a config loads it
+    record = {"norms": {"MODEL.RESNETS.NORM": spec.cfg_settings["MODEL.RESNETS.NORM"]},
+              "source": f"timm {spec.timm_name}"}
     return {"model": model, "__author__": f"d2_norms convert_pretrained (timm {spec.timm_name})",
-            "matching_heuristics": True}
+            "matching_heuristics": True, NORM_RECORD: record}
 
 
 def unwrap_state_dict(obj) -> Mapping:
