@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d2_norms_setup_done
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# `make test`: the fast tests (every module; minutes), spread over the cores (pytest-xdist).
+# `make test-slow`: the end-to-end tests marked slow (training runs, gloo processes, the CLI
+# scripts; ~20 min on 2 cores), one at a time. CI (.ci/run) runs both, then test-d2main.
+TEST_WORKERS ?= auto
 
 # detectron2 main (make test-d2main): a second venv with detectron2 installed from a source
 # snapshot by tools/install_detectron2.py --source (C++ ops when they build, else pure Python).
@@ -22,7 +26,7 @@ D2MAIN_STAMP := $(D2MAIN_VENV)/.d2_norms_d2main_done
 D2MAIN_TRAIN_EVAL := tests/test_train_e2e.py -m slow \
 	-k "test_training_writes_what_detectron2_writes or test_training_evaluates_bbox_and_segm_with_cocoeval"
 
-.PHONY: setup demo test test-fast bench clean-venv test-d2main setup-d2main d2main-run
+.PHONY: setup demo test test-fast test-slow test-all bench clean-venv test-d2main setup-d2main d2main-run
 
 setup: $(STAMP)
 
@@ -40,10 +44,14 @@ demo: setup
 	$(PY) tools/demo.py
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: test
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 bench: setup
 	$(PY) tools/benchmark_layers.py
@@ -63,7 +71,7 @@ test-d2main:
 setup-d2main: $(D2MAIN_STAMP)
 
 d2main-run: $(D2MAIN_STAMP)
-	$(D2MAIN_PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(D2MAIN_PY) -m pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 	$(D2MAIN_PY) -m pytest $(D2MAIN_TRAIN_EVAL) $(PYTEST_ARGS)
 
 $(D2MAIN_STAMP): $(D2MAIN_SOURCE) setup.py tools/install_detectron2.py Makefile

@@ -34,6 +34,6 @@ setup(
         "faster-coco-eval>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "timm>=0.9"],
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3", "timm>=0.9"],
     },
 )

@@ -19,7 +19,8 @@ detectron2 API only. Two kinds of entries:
     it is imported: the alias exists only during that import.
   - ``detectron2.model_zoo`` imports ``pkg_resources`` (gone from setuptools 81): imported
     once with a stand-in present only during that import.
-  - v0.6 ``detectron2.export`` imports caffe2 at module top: imported once with stand-in caffe2
+  - v0.6 ``detectron2.export`` imports caffe2 at module top: :func:`import_detectron2_export`
+    (called by d2_norms' export code, not on import) imports it once with stand-in caffe2
     modules present only during that import; its caffe2-only API raises
     :class:`MissingCaffe2Error` when it reaches caffe2 (TorchScript export works).
   - numpy aliases removed in numpy 1.24 (``np.int`` ...) that the installed detectron2's own
@@ -131,8 +132,16 @@ def _modules_present(modules: Dict[str, types.ModuleType]) -> Iterator[None]:
                 delattr(package, child)
 
 
+def _spec_exists(name: str) -> bool:
+    """Whether ``name`` can be found (a finder that refuses it counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _detectron2_installed() -> bool:
-    return importlib.util.find_spec("detectron2") is not None
+    return _spec_exists("detectron2")
 
 
 def _import_failure(module: str):
@@ -156,7 +165,7 @@ def _import_layers_without_compiled_ops() -> None:
     """v0.6's ``detectron2.layers`` does ``from detectron2 import _C`` at module top (deformable
     and rotated ops) with no fallback: without the C++ extension detectron2 does not import.
     Import it with a placeholder that exists only during the import."""
-    if not _detectron2_installed() or importlib.util.find_spec("detectron2._C") is not None:
+    if not _detectron2_installed() or _spec_exists("detectron2._C"):
         return  # real compiled extension
     error = _import_failure("detectron2.layers")
     if error is None:
@@ -256,7 +265,7 @@ def _import_model_zoo_without_pkg_resources() -> None:
     fails as it does without d2_norms."""
     if not _detectron2_installed() or "detectron2.model_zoo" in sys.modules:
         return
-    if importlib.util.find_spec("pkg_resources") is not None:
+    if _spec_exists("pkg_resources"):
         return
     error = _import_failure("detectron2.model_zoo")
     if error is None or getattr(error, "name", "") != "pkg_resources":
@@ -340,8 +349,14 @@ class _Caffe2Module(types.ModuleType):
         return _Caffe2Name(f"{self.__name__}.{attr}")
 
 
-def _import_export_without_caffe2() -> None:
-    """detectron2 v0.6's ``detectron2.export`` imports caffe2 at module top (torch 2.x has none),
+def import_detectron2_export():
+    """``detectron2.export``, importable on v0.6 too (returns the module).
+
+    Called by d2_norms' export code when it needs it, not by ``import d2_norms``: importing
+    ``detectron2.export`` has side effects of detectron2's own (on main it changes what
+    ``torch.jit.script`` accepts in stock models), which a plain import must not bring.
+
+    detectron2 v0.6's ``detectron2.export`` imports caffe2 at module top (torch 2.x has none),
     so ``TracingAdapter`` / ``scripting_with_instances`` were unreachable. Import it once with
     stand-in caffe2 modules that exist only during that import (``import caffe2`` still fails
     afterwards). The caffe2-only API (Caffe2Tracer, Caffe2Model, ...) stays detectron2's own; it
@@ -349,19 +364,21 @@ def _import_export_without_caffe2() -> None:
     ``detectron2.export`` imports as it is (detectron2 main: caffe2 optional) or caffe2 exists.
     """
     if ("detectron2.export" in sys.modules or not _detectron2_installed()
-            or importlib.util.find_spec("caffe2") is not None):
-        return
+            or _spec_exists("caffe2")):
+        return importlib.import_module("detectron2.export")
     error = _import_failure("detectron2.export")
     if error is None or not (getattr(error, "name", "") or "").startswith("caffe2"):
-        return  # imports, or something else is missing: leave detectron2's own error
+        # imports, or something else is missing: detectron2's own error
+        return importlib.import_module("detectron2.export")
     names = ("caffe2", "caffe2.proto", "caffe2.proto.caffe2_pb2", "caffe2.python",
              "caffe2.python.core", "caffe2.python.utils", "caffe2.python.net_drawer",
              "caffe2.python.workspace", "caffe2.python.onnx", "caffe2.python.onnx.backend")
     stand_ins = {n: _Caffe2Module(n, "d2_norms stand-in: caffe2 is not installed") for n in names}
     with _modules_present(stand_ins):
-        importlib.import_module("detectron2.export")
+        module = importlib.import_module("detectron2.export")
     _APPLIED.append("detectron2.export imported with caffe2 stand-ins present during that import "
                     "only (TorchScript export works; caffe2-only API raises MissingCaffe2Error)")
+    return module
 
 
 def apply() -> List[str]:
@@ -373,7 +390,6 @@ def apply() -> List[str]:
         _import_transforms_with_pillow_linear()
         _import_evaluation_with_official_cocoeval()
         _import_model_zoo_without_pkg_resources()
-        _import_export_without_caffe2()
     return list(_APPLIED)
 
 

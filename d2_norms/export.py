@@ -249,6 +249,9 @@ def flat_output_names(schema) -> List[str]:
     """The names of a traced graph's outputs, in the order of its output tuple, from
     ``TracingAdapter.outputs_schema`` (detectron2 flattens dicts and ``Instances`` fields in
     sorted key order, an ``Instances`` followed by its ``image_size``)."""
+    from d2_norms.compat import import_detectron2_export
+
+    import_detectron2_export()
     from detectron2.export.flatten import DictSchema, InstancesSchema, ListSchema
 
     names: List[str] = []
@@ -309,6 +312,9 @@ def export_torchscript(model: nn.Module, inputs, method: str = "trace") -> Expor
     if left:
         raise ExportError(f"{len(left)} convs still standardize their weights (e.g. {left[0]}); "
                           "fold them first with d2_norms.export.prepare_for_export(model)")
+    from d2_norms.compat import import_detectron2_export
+
+    import_detectron2_export()
     from detectron2.export import TracingAdapter, scripting_with_instances
 
     names = _output_names(model)

@@ -230,8 +230,7 @@ def test_export_refuses_unfolded_and_training_models():
 
 # ---------------------------------------------------------------------------- caffe2 shim
 def test_detectron2_export_imports_and_caffe2_only_api_says_why():
-    import detectron2.export as d2_export
-    from detectron2.export import api
+    d2_export = compat.import_detectron2_export()
 
     assert d2_export.TracingAdapter is not None and d2_export.scripting_with_instances
     shimmed = any("detectron2.export imported with caffe2 stand-ins" in a
@@ -240,6 +239,8 @@ def test_detectron2_export_imports_and_caffe2_only_api_says_why():
     assert "caffe2" not in sys.modules or not shimmed  # the stand-ins lived only for the import
     if not shimmed:  # detectron2 main: caffe2 optional, nothing patched
         return
+    from detectron2.export import api
+
     # detectron2's own names, not rebound: its caffe2-only code fails where it reaches caffe2
     for name in ("Caffe2Tracer", "Caffe2Model", "export_caffe2_model"):
         assert getattr(d2_export, name).__module__ == "detectron2.export.api", name

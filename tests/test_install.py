@@ -140,9 +140,10 @@ def test_placeholder_not_installed_when_real_extension_exists(monkeypatch):
         return real_find_spec(name, *a, **k)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    before = compat.applied()
+    before, module_before = compat.applied(), sys.modules.get("detectron2._C")
     compat._import_layers_without_compiled_ops()
-    assert "detectron2._C" not in sys.modules and compat.applied() == before
+    assert sys.modules.get("detectron2._C") is module_before and compat.applied() == before
+    assert not isinstance(module_before, compat._MissingExtension)
 
 
 def _run_installer(tmp_path, *args):
