@@ -31,8 +31,11 @@ def test_stock_graph_with_d2_norms_components_equals_the_yacs_cell(stock_configs
 
     graph = d2_norms_model(_stock_model(stock_configs_dir, detector), norm)
     yacs_cfg = ms.load_cfg(f"configs/COCO-scratch/{detector}_R_50_FPN_{norm}_2img.yaml")
-    # input normalization is a data setting, not a component: take the cell's (from scratch)
-    graph.pixel_mean, graph.pixel_std = list(yacs_cfg.MODEL.PIXEL_MEAN), list(yacs_cfg.MODEL.PIXEL_STD)
+    # nothing copied from one config into the other: d2_norms_model sets the from-scratch
+    # input normalization itself (detectron2's common models have pixel_std 1)
+    assert list(graph.pixel_mean) == list(yacs_cfg.MODEL.PIXEL_MEAN)
+    assert list(graph.pixel_std) == list(yacs_cfg.MODEL.PIXEL_STD)
+    assert graph.input_format == yacs_cfg.INPUT.FORMAT
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -81,3 +84,39 @@ def test_bad_graphs_and_settings_are_refused():
     with pytest.raises(ValueError, match="unknown normalizer"):
         d2_norms_model(L(GeneralizedRCNN)(backbone={"bottom_up": {}}, roi_heads={},
                                           proposal_generator={}), "LN")
+
+
+def test_any_registered_name_and_per_part_names(stock_configs_dir, caplog):
+    import logging
+
+    from detectron2.config import instantiate
+
+    from d2_norms.layers import FilterResponseNorm2d, GroupNorm
+
+    with caplog.at_level(logging.INFO, logger="d2_norms.lazy"):
+        graph = d2_norms_model(_stock_model(stock_configs_dir, "retinanet"), "FRN_LEPS",
+                               parts={"fpn": "GN_G16"})
+    assert "pixel_std: [1.0, 1.0, 1.0] -> [57.375, 57.12, 58.395]" in caplog.text
+    assert "NormFPN (norm 'GN_G16')" in caplog.text
+    graph.backbone.bottom_up.depth = 18
+    graph.backbone.bottom_up.out_features = ["res3", "res4", "res5"]
+    graph.backbone.top_block.in_channels = 512
+    graph.backbone.in_features = ["res3", "res4", "res5"]
+    model = instantiate(graph)
+    frns = [m for m in model.backbone.bottom_up.modules() if isinstance(m, FilterResponseNorm2d)]
+    assert frns and all(m.learned_eps is not None for m in frns)
+    gns = [m for n, m in model.backbone.named_modules()
+           if isinstance(m, GroupNorm) and not n.startswith("bottom_up")]
+    assert gns and all(m.num_groups == 16 for m in gns)
+    with pytest.raises(LazyConfigError, match="did you mean 'FRN_LEPS'"):
+        d2_norms_model(_stock_model(stock_configs_dir, "retinanet"), "FNR_LEPS")
+    with pytest.raises(LazyConfigError, match="parts=.*box_head"):
+        d2_norms_model(_stock_model(stock_configs_dir, "retinanet"), "GN",
+                       parts={"box_head": "GN"})
+
+
+def test_nf_keeping_detectron2s_pixel_std_is_refused(stock_configs_dir):
+    with pytest.raises(LazyConfigError, match=r"pixel_std.*unit-variance.*57.375"):
+        d2_norms_model(_stock_model(stock_configs_dir, "retinanet"), "NF", input_std=False)
+    graph = d2_norms_model(_stock_model(stock_configs_dir, "retinanet"), "GN", input_std=False)
+    assert list(graph.pixel_std) == [1.0, 1.0, 1.0]  # kept, as asked (not NF)

@@ -206,6 +206,36 @@ def test_detectron2_style_optimizer_node_with_d2_norms_params():
             assert decay[id(p)] == stock_decay[id(p)], n
 
 
+
+def test_optimizer_that_decays_normalizer_parameters_is_warned_about(caplog):
+    """detectron2's own optimizer node decays FRN / TLU parameters: the trainer's warning says
+    how many and the fix; d2_norms' parameter groups get no warning."""
+    import logging
+
+    from detectron2.config import LazyCall as L
+    from detectron2.solver.build import get_default_optimizer_params
+
+    from d2_norms.lazy import d2_norms_optimizer_params
+    from d2_norms.solver import (decayed_normalizer_parameters, normalizer_parameter_names,
+                                 warn_decayed_normalizer_parameters)
+
+    model = instantiate(lazy_config("retinanet", "recipe.norm=FRN").model)
+    stock = torch.optim.SGD(get_default_optimizer_params(model, weight_decay_norm=0.0), lr=0.1,
+                            weight_decay=1e-4)
+    log = logging.getLogger("d2_norms.test")
+    with caplog.at_level(logging.WARNING, logger="d2_norms.test"):
+        decayed = warn_decayed_normalizer_parameters(model, stock, log)
+    frn_params = [n for n in normalizer_parameter_names(model) if ".norm." in n or "tau" in n]
+    assert decayed and set(decayed) <= set(normalizer_parameter_names(model))
+    assert set(frn_params) <= set(decayed)
+    assert f"{len(decayed)} normalizer parameters get weight decay" in caplog.text
+    assert "d2_norms_optimizer_params" in caplog.text and "WEIGHT_DECAY_NORM" in caplog.text
+    node = L(torch.optim.SGD)(params=L(d2_norms_optimizer_params)(weight_decay_norm=0.0),
+                              lr=0.1, weight_decay=1e-4)
+    node.params.model = model
+    assert decayed_normalizer_parameters(model, instantiate(node)) == []
+
+
 def test_saved_config_round_trips(tmp_path):
     lazy = lazy_config("retinanet", "recipe.norm=NF", "recipe.ims_per_gpu=3")
     cfg = settings_of(lazy)

@@ -114,6 +114,10 @@ class Trainer(DefaultTrainer):
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
+        if comm.is_main_process():  # any optimizer (a LazyConfig's may be detectron2's own)
+            from d2_norms.solver import warn_decayed_normalizer_parameters
+
+            warn_decayed_normalizer_parameters(model, optimizer, logger)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
 

@@ -32,14 +32,32 @@ node                              becomes
 ``roi_heads.box_head``            ``D2NormsConvFCHead``, 4conv1fc (GN paper's head) when
                                   ``box_head_convs=4`` (the default)
 ``roi_heads.mask_head``           ``D2NormsMaskHead``
+``pixel_std``                     unit-variance inputs, ImageNet std (from scratch, as every
+                                  cell; NF's signal propagation needs them): detectron2's
+                                  common models have ``pixel_std=[1, 1, 1]`` (caffe2 weights)
 ================================  =========================================================
+
+``norm`` is one of the recipe's names (BN, SyncBN, GN, GNWS, FRN, NF: each part as the shipped
+cells normalize it) or any other registered name (``FRN_LEPS``, ``GN_G16``, a third-party norm,
+detectron2's ``LN``): every part gets it, the RPN head none unless the norm needs Scaled WS
+convs. ``parts`` overrides single parts (``{"fpn": "GN", "head": "FRN_LEPS"}``; keys
+``backbone``, ``fpn``, ``head``, ``rpn``, ``box_head``, ``mask_head``). What was changed is
+logged (logger ``d2_norms.lazy``).
 """
+import logging
 from typing import Any, Optional, Sequence
 
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
-__all__ = ["d2n_resnet", "d2_norms_model"]
+__all__ = ["d2n_resnet", "d2_norms_model", "PART_KEYS"]
+
+logger = logging.getLogger("d2_norms.lazy")
+
+#: the parts ``d2_norms_model(parts=...)`` takes, and the yacs key each one stands for
+PART_KEYS = {"backbone": "MODEL.RESNETS.NORM", "fpn": "MODEL.FPN.NORM",
+             "head": "MODEL.RETINANET.NORM", "rpn": "MODEL.RPN.NORM",
+             "box_head": "MODEL.ROI_BOX_HEAD.NORM", "mask_head": "MODEL.ROI_MASK_HEAD.NORM"}
 
 
 def d2n_resnet(*, depth: int = 50, norm: str = "GN", out_features: Sequence[str] = ("res5",),
@@ -88,11 +106,49 @@ def _target_name(node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4):
+def _fields_for(detector: str, norm: str) -> dict:
+    """The norm of each part (yacs keys) for ``norm``: the recipe's rule for its names, the
+    same name everywhere (RPN: only Scaled WS) for any other registered name."""
+    from d2_norms import recipes
+    from d2_norms.engine.errors import LazyConfigError
+    from d2_norms.layers import (UnknownNormError, detectron2_norm_names, get_norm_spec,
+                                 registered_norms)
+
+    if norm in recipes.NORMALIZERS:
+        return recipes.norm_fields(detector, norm)
+    try:
+        conv = get_norm_spec(norm).conv
+    except UnknownNormError:
+        if norm not in detectron2_norm_names():
+            import difflib
+
+            names = sorted(set(registered_norms()) | set(detectron2_norm_names()))
+            close = difflib.get_close_matches(norm, names, n=3, cutoff=0.5)
+            raise LazyConfigError(
+                f"d2_norms_model: unknown normalizer {norm!r}"
+                + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                + f"; registered: {', '.join(names)}; parametric GN_G<groups>, GN_C<k>, "
+                "GNWS_G<groups>, GNWS_C<k>; register your own with "
+                "d2_norms.layers.register_norm") from None
+        conv = "plain"
+    keys = ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM"] + (
+        ["MODEL.RETINANET.NORM"] if detector == "retinanet"
+        else ["MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"])
+    fields = {k: norm for k in keys}
+    if detector != "retinanet":
+        fields["MODEL.RPN.NORM"] = norm if conv == "scaled_ws" else ""
+    return fields
+
+
+def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4,
+                   parts: Optional[dict] = None, input_std: Optional[Sequence[float]] = None):
     """``model`` (a detectron2 LazyConfig model node: RetinaNet or GeneralizedRCNN with an FPN
     backbone, as in detectron2's ``configs/common/models``) rebuilt from d2_norms' components for
-    ``norm`` (see the module docstring). Returns the node (changed in place)."""
+    ``norm`` (see the module docstring). ``input_std``: the pixel std to set (None: ImageNet's,
+    unit-variance inputs as the from-scratch cells; ``False`` keeps the graph's). Returns the
+    node (changed in place)."""
     from d2_norms import recipes
+    from d2_norms.config_checks import UNIT_VARIANCE_PIXEL_STD
     from d2_norms.engine.errors import LazyConfigError
     from d2_norms.modeling.fpn import NormFPN, NormLastLevelP6P7
     from d2_norms.modeling.heads import (D2NormsConvFCHead, D2NormsMaskHead, D2NormsRetinaNet,
@@ -110,7 +166,16 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4):
     if "bottom_up" not in model.backbone:
         raise LazyConfigError("d2_norms_model: model.backbone has no bottom_up: an FPN backbone "
                               "(detectron2's configs/common/models) is needed")
-    fields = recipes.norm_fields(detector, norm)
+    fields = _fields_for(detector, norm)
+    for part, part_norm in (parts or {}).items():
+        key = PART_KEYS.get(part)
+        usable = (("head",) if detector == "retinanet" else ("rpn", "box_head", "mask_head"))
+        if key is None or (part not in ("backbone", "fpn") and part not in usable):
+            raise LazyConfigError(
+                f"d2_norms_model: parts={{{part!r}: ...}}: a {detector} model has the parts "
+                f"{', '.join(('backbone', 'fpn') + usable)}")
+        fields[key] = _fields_for(detector, part_norm)[key] if part != "rpn" else part_norm
+    changes = []
     bottom_up = model.backbone.bottom_up
     stem = bottom_up.get("stem") or {}
     model.backbone.bottom_up = L(d2n_resnet)(
@@ -118,8 +183,25 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4):
         out_features=list(bottom_up.get("out_features", ["res5"])), freeze_at=0,
         stem_out_channels=int(stem.get("out_channels", 64)),
         in_channels=int(stem.get("in_channels", 3)))
+    changes.append(f"backbone.bottom_up: d2n_resnet (norm {fields['MODEL.RESNETS.NORM']!r}, "
+                   "freeze_at 0)")
     model.backbone._target_ = NormFPN
     model.backbone.norm = fields["MODEL.FPN.NORM"]
+    changes.append(f"backbone: NormFPN (norm {fields['MODEL.FPN.NORM']!r})")
+    if input_std is not False and "pixel_std" in model:
+        std = list(UNIT_VARIANCE_PIXEL_STD) if input_std is None else list(input_std)
+        if str(model.get("input_format", "BGR")).upper() == "RGB" and input_std is None:
+            std = std[::-1]
+        if [float(v) for v in model.pixel_std] != std:
+            changes.append(f"pixel_std: {list(model.pixel_std)} -> {std} (unit-variance inputs "
+                           "for training from scratch; NF's signal propagation assumes them)")
+            model.pixel_std = std
+    if "pixel_std" in model and any(_conv_kind(v) == "scaled_ws" for v in fields.values()):
+        from d2_norms.config_checks import nf_input_problem
+
+        problem = nf_input_problem(model.pixel_std, "model.pixel_std", "model.pixel_std")
+        if problem is not None:  # only where input_std=False kept detectron2's
+            raise LazyConfigError(f"d2_norms_model: {problem}")
     if detector == "retinanet":
         model._target_ = D2NormsRetinaNet
         top = model.backbone.top_block
@@ -129,11 +211,19 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4):
         model.head._target_ = D2NormsRetinaNetHead
         model.head.norm = fields["MODEL.RETINANET.NORM"]
         # one norm per pyramid level where the recipe's RetinaNet cells have one (issue 13 item 7)
-        model.head.norm_per_level = bool(recipes.extra_fields(detector, norm).get(
-            "MODEL.RETINANET.NORM_PER_LEVEL", False))
+        head_norm = fields["MODEL.RETINANET.NORM"]
+        model.head.norm_per_level = bool(
+            recipes.extra_fields(detector, head_norm).get("MODEL.RETINANET.NORM_PER_LEVEL", False)
+            if head_norm in recipes.NORMALIZERS
+            else recipes.RETINANET_NORM_PER_LEVEL and _has_norm_module(head_norm))
+        changes.append(f"RetinaNet: D2NormsRetinaNet, head D2NormsRetinaNetHead (norm "
+                       f"{head_norm!r}, norm_per_level {model.head.norm_per_level})")
+        _log(changes)
         return model
     model.proposal_generator.head._target_ = D2NormsRPNHead
     model.proposal_generator.head.norm = fields.get("MODEL.RPN.NORM", "")
+    changes.append(f"proposal_generator.head: D2NormsRPNHead (norm "
+                   f"{fields.get('MODEL.RPN.NORM', '')!r})")
     roi = model.roi_heads
     box = roi.box_head
     box._target_ = D2NormsConvFCHead
@@ -141,7 +231,34 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4):
     if box_head_convs:
         box.conv_dims = [256] * int(box_head_convs)
         box.fc_dims = [1024]
+    changes.append(f"roi_heads.box_head: D2NormsConvFCHead (norm "
+                   f"{fields['MODEL.ROI_BOX_HEAD.NORM']!r}, conv_dims {list(box.conv_dims)})")
     if "mask_head" in roi:
         roi.mask_head._target_ = D2NormsMaskHead
         roi.mask_head.conv_norm = fields["MODEL.ROI_MASK_HEAD.NORM"]
+        changes.append(f"roi_heads.mask_head: D2NormsMaskHead (norm "
+                       f"{fields['MODEL.ROI_MASK_HEAD.NORM']!r})")
+    _log(changes)
     return model
+
+
+def _conv_kind(norm) -> str:
+    from d2_norms.layers import norm_conv_kind
+
+    try:
+        return norm_conv_kind(norm)
+    except Exception:
+        return "plain"
+
+
+def _has_norm_module(norm: str) -> bool:
+    from d2_norms.layers import UnknownNormError, get_norm_spec
+
+    try:
+        return get_norm_spec(norm).conv != "scaled_ws"
+    except UnknownNormError:
+        return True
+
+
+def _log(changes) -> None:
+    logger.info("d2_norms_model changed:\n  " + "\n  ".join(changes))

@@ -103,6 +103,39 @@ def d2_norms_optimizer_params(model: torch.nn.Module, base_lr=None, weight_decay
     return groups
 
 
+def decayed_normalizer_parameters(model: torch.nn.Module,
+                                  optimizer: torch.optim.Optimizer) -> List[str]:
+    """Names of the normalizer parameters (:func:`normalizer_parameter_names`) that
+    ``optimizer`` applies weight decay to (e.g. built with detectron2's
+    ``get_default_optimizer_params``, which knows torch's norm classes only: FRN gamma/beta/tau,
+    TLU tau, Scaled WS gains/biases and SkipInit scalars would be decayed)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    norm = set(normalizer_parameter_names(model))
+    decayed = []
+    for group in optimizer.param_groups:
+        if float(group.get("weight_decay", 0.0) or 0.0) == 0.0:
+            continue
+        decayed += [names[id(p)] for p in group["params"] if names.get(id(p)) in norm]
+    return decayed
+
+
+NORM_DECAY_FIX = (
+    "the papers train them without weight decay (GN sec. 4.2; NF App. B.1). In a LazyConfig use "
+    "d2_norms' parameter groups: optimizer.params = L(d2_norms_optimizer_params)("
+    "weight_decay_norm=0.0) (from d2_norms.lazy import d2_norms_optimizer_params); in yacs set "
+    "SOLVER.WEIGHT_DECAY_NORM: 0.0")
+
+
+def warn_decayed_normalizer_parameters(model, optimizer, logger) -> List[str]:
+    """Log a warning naming how many normalizer parameters get weight decay, and the fix."""
+    decayed = decayed_normalizer_parameters(model, optimizer)
+    if decayed:
+        shown = ", ".join(decayed[:4]) + (", ..." if len(decayed) > 4 else "")
+        logger.warning("%d normalizer parameters get weight decay from this optimizer (%s): %s",
+                       len(decayed), shown, NORM_DECAY_FIX)
+    return decayed
+
+
 def get_optimizer_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
     """One group per parameter with its lr and weight decay: WEIGHT_DECAY_NORM for normalizer
     parameters, WEIGHT_DECAY_BIAS / BIAS_LR_FACTOR for other biases, WEIGHT_DECAY otherwise."""
