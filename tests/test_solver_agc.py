@@ -210,3 +210,43 @@ def test_ddp_clips_the_averaged_gradient():
         want = w0[name] - reference_agc(w0[name], mean, 0.02).float()
         torch.testing.assert_close(out[0][name], out[1][name], rtol=0, atol=0)
         torch.testing.assert_close(out[0][name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_lazyconfig_optimizer_node_carries_agc_like_the_yacs_recipe():
+    """``L(SGDWithAGC)(params=L(d2_norms_optimizer_params)(..., agc=True), clipping=...)``: the
+    optimizer node itself clips (any trainer that instantiates it, detectron2's included), with
+    the same groups, exclusions and steps as the yacs recipe's optimizer."""
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.modeling import build_model
+
+    from d2_norms.solver import SGDWithAGC, d2_norms_optimizer_params
+
+    cfg = _cfg("MODEL.RESNETS.NORM", "NF", "MODEL.FPN.NORM", "NF", "MODEL.ROI_BOX_HEAD.NORM",
+               "NF", "MODEL.ROI_MASK_HEAD.NORM", "NF", *AGC_OPTS)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    twin = build_model(cfg)
+    twin.load_state_dict(model.state_dict())
+    node = L(SGDWithAGC)(
+        params=L(d2_norms_optimizer_params)(weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                                            base_lr=cfg.SOLVER.BASE_LR,
+                                            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                                            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                                            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+                                            agc=True),
+        lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
+        clipping=cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE)
+    node.params.model = model
+    lazy_opt, yacs_opt = instantiate(node), build_optimizer(cfg, twin)
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
+    assert strip(lazy_opt.param_groups) == strip(yacs_opt.param_groups)
+    for (_, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        p.grad = torch.randn_like(p) * 1e3
+        q.grad = p.grad.clone()
+    lazy_opt.step()
+    yacs_opt.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="must be > 0"):
+        SGDWithAGC(model.parameters(), lr=0.1, clipping=0)

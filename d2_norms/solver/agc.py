@@ -158,6 +158,33 @@ def with_adaptive_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer],
     return cls
 
 
+class SGDWithAGC(torch.optim.SGD):
+    """``torch.optim.SGD`` whose ``step()`` first applies AGC with lambda ``clipping`` (as
+    :func:`with_adaptive_gradient_clipping`), as a named class with the clipping as an argument:
+    a LazyConfig's optimizer node carries the NF recipe's clipping itself, so every trainer that
+    instantiates the node (detectron2's ``tools/lazyconfig_train_net.py`` included) clips::
+
+        optimizer = L(SGDWithAGC)(
+            params=L(d2_norms_optimizer_params)(weight_decay_norm=0.0, agc=True),
+            lr=0.02, momentum=0.9, weight_decay=1e-4, clipping=0.01)
+
+    ``agc=True`` marks the prediction layers (and SkipInit scalars) that AGC leaves alone; groups
+    without those marks are all clipped."""
+
+    def __init__(self, params, lr=1e-3, *, clipping: float, **kwargs):
+        self.agc_clipping = check_clip_value(clipping)
+        super().__init__(params, lr=lr, **kwargs)
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group.get("agc", True) is False:
+                continue
+            unit_dim = group.get("agc_unit_dim", 0)
+            for p in group["params"]:
+                adaptive_clip_grad_(p, self.agc_clipping, unit_dim=unit_dim)
+        return super().step(closure)
+
+
 def agc_param_group_options(model: nn.Module) -> Dict[str, Dict]:
     """Parameter name -> extra param-group entries for AGC ({"agc": False} for excluded layers,
     {"agc_unit_dim": 1} for transposed-conv weights); names not listed need nothing."""

@@ -64,7 +64,8 @@ def normalizer_parameter_names(model: torch.nn.Module) -> List[str]:
 
 def d2_norms_optimizer_params(model: torch.nn.Module, base_lr=None, weight_decay=None,
                               weight_decay_norm=None, bias_lr_factor: float = 1.0,
-                              weight_decay_bias=None, overrides=None) -> List[Dict]:
+                              weight_decay_bias=None, overrides=None,
+                              agc: bool = False) -> List[Dict]:
     """d2_norms' replacement for detectron2's ``get_default_optimizer_params`` (same arguments;
     usable from a LazyConfig as ``L(d2_norms_optimizer_params)(model=None, ...)``, the model
     filled in by the trainer): one group per parameter, named (``"name"``).
@@ -74,7 +75,9 @@ def d2_norms_optimizer_params(model: torch.nn.Module, base_lr=None, weight_decay
     detectron2's function knows torch's norm classes only. Other biases get ``bias_lr_factor``
     and ``weight_decay_bias`` (None: ``weight_decay``). A normalizer bias is a normalizer
     parameter first (no bias lr factor). ``overrides``: {parameter leaf name: {hyper-parameter:
-    value}}, applied last, as detectron2's. ``None`` values leave the optimizer's default."""
+    value}}, applied last, as detectron2's. ``None`` values leave the optimizer's default.
+    ``agc``: add the AGC entries (:func:`d2_norms.solver.agc.agc_param_group_options`: prediction
+    layers unclipped, transposed-conv unit dimension) for ``SGDWithAGC``."""
     if base_lr is None and bias_lr_factor != 1.0:
         raise ValueError("bias_lr_factor requires base_lr")
     norm_names = set(normalizer_parameter_names(model))
@@ -100,7 +103,17 @@ def d2_norms_optimizer_params(model: torch.nn.Module, base_lr=None, weight_decay
             group["weight_decay"] = decay
         group.update((overrides or {}).get(name.rpartition(".")[2], {}))
         groups.append(group)
+    if agc:  # (the argument shadows the module here)
+        options = _agc_options(model)
+        for group in groups:
+            group.update(options.get(group["name"], {}))
     return groups
+
+
+def _agc_options(model):
+    from .agc import agc_param_group_options
+
+    return agc_param_group_options(model)
 
 
 def decayed_normalizer_parameters(model: torch.nn.Module,
