@@ -136,6 +136,17 @@ def check_clip_value(clipping) -> float:
     return value
 
 
+def clip_param_groups_(param_groups, clipping: float) -> None:
+    """AGC on every parameter of every group whose ``"agc"`` entry is not False (unit dimension
+    from ``"agc_unit_dim"``, default 0): what an AGC optimizer's ``step()`` does first."""
+    for group in param_groups:
+        if group.get("agc", True) is False:
+            continue
+        unit_dim = group.get("agc_unit_dim", 0)
+        for p in group["params"]:
+            adaptive_clip_grad_(p, clipping, unit_dim=unit_dim)
+
+
 def with_adaptive_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer],
                                     clipping: float) -> Type[torch.optim.Optimizer]:
     """A subclass of ``optimizer_cls`` whose ``step()`` first applies AGC with lambda
@@ -145,12 +156,7 @@ def with_adaptive_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer],
     clipping = check_clip_value(clipping)
 
     def step(self, closure=None):
-        for group in self.param_groups:
-            if group.get("agc", True) is False:
-                continue
-            unit_dim = group.get("agc_unit_dim", 0)
-            for p in group["params"]:
-                adaptive_clip_grad_(p, clipping, unit_dim=unit_dim)
+        clip_param_groups_(self.param_groups, clipping)
         return super(cls, self).step(closure)
 
     cls = type(optimizer_cls.__name__ + "WithAGC", (optimizer_cls,),
@@ -176,12 +182,7 @@ class SGDWithAGC(torch.optim.SGD):
         super().__init__(params, lr=lr, **kwargs)
 
     def step(self, closure=None):
-        for group in self.param_groups:
-            if group.get("agc", True) is False:
-                continue
-            unit_dim = group.get("agc_unit_dim", 0)
-            for p in group["params"]:
-                adaptive_clip_grad_(p, self.agc_clipping, unit_dim=unit_dim)
+        clip_param_groups_(self.param_groups, self.agc_clipping)
         return super().step(closure)
 
 
