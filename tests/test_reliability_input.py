@@ -435,3 +435,15 @@ def test_divergence_remedies_name_the_input_scale_for_nf():
     assert "MODEL.PIXEL_STD (now [1.0, 1.0, 1.0])" in text and "~58x too large" in text
     args.opts = TINY  # GN: not mentioned
     assert "PIXEL_STD" not in divergence_remedies(setup_cfg(args, log=False))
+
+
+def test_input_problems_travel_to_other_ranks_unchanged():
+    """launch.run_on_main_process pickles rank 0's error for the other ranks."""
+    import pickle
+
+    from d2_norms.engine.errors import InputProblemsError
+
+    error = InputProblemsError(["MODEL.FPN.NORM='X': unknown", "DatasetError: no root"], "a.yaml")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is InputProblemsError and str(again) == str(error)
+    assert again.problems == error.problems and "2 problems in a.yaml" in str(again)

@@ -280,7 +280,8 @@ def test_torchrun_bad_input_found_on_rank0_stops_every_rank_before_writing(tmp_p
     out = torchrun(2, TRAIN_NET, "--config-file", CONFIG, *TINY, "MODEL.RESNETS.NORM",
                    "GroupNorm", "OUTPUT_DIR", str(tmp_path / "o"), timeout=240)
     assert out.returncode != 0
-    assert "ERROR (UnknownNormError)" in out.stderr and "Unknown norm 'GroupNorm'" in out.stderr
+    assert "ERROR (InputProblemsError): 1 problem in" in out.stderr
+    assert "MODEL.RESNETS.NORM='GroupNorm': unknown normalizer name" in out.stderr
     assert "exitcode  : 2" in out.stderr
     ours = [line for line in out.stderr.splitlines() if line.strip().startswith("File ")
             and (TRAIN_NET in line or os.path.join(REPO, "d2_norms") in line)]

@@ -47,7 +47,7 @@ class InputProblemsError(ValueError):
     """Every problem the preflight found in the input (config, data, weights), in one message."""
 
     def __init__(self, problems, what: str = "the input"):
-        self.problems = list(problems)
+        self.problems, self.what = [str(p) for p in problems], what
         n = len(self.problems)
         lines = [f"{n} problem{'s' if n != 1 else ''} in {what}; nothing was written "
                  f"(fix {'them' if n != 1 else 'it'} and run the same command again):"]
@@ -55,6 +55,9 @@ class InputProblemsError(ValueError):
             text = str(problem).replace("\n", "\n     ")
             lines.append(f"  {i}. {text}")
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # travels to the other ranks (launch.run_on_main_process) as it is
+        return type(self), (self.problems, self.what)
 
 
 class Problems:
