@@ -83,7 +83,7 @@ def test_bad_graphs_and_settings_are_refused():
         d2n_resnet(depth=18, norm="NF", nf={"alpah": 0.3})
     with pytest.raises(ValueError, match="unknown normalizer"):
         d2_norms_model(L(GeneralizedRCNN)(backbone={"bottom_up": {}}, roi_heads={},
-                                          proposal_generator={}), "LN")
+                                          proposal_generator={}), "NoSuchNorm")
 
 
 def test_any_registered_name_and_per_part_names(stock_configs_dir, caplog):
