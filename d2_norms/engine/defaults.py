@@ -105,10 +105,31 @@ class YacsRun:
     def extra_checks(self, args, cfg) -> None:
         """Input checks beyond the shared ones (run in preflight, nothing written yet)."""
 
+    def model_checks(self, args, cfg, problems):
+        """The model's input problems (added to ``problems``); its state-dict shapes from a
+        meta-device build, or None."""
+        from d2_norms.config_checks import norm_problems
+
+        from .preflight import check_model_builds
+
+        norms = norm_problems(cfg)
+        problems.extend(norms)
+        if norms:  # the model can only be built once its norm names are right
+            return None
+        shapes = None
+        with problems.check():
+            shapes = check_model_builds(cfg, args.config_file)
+        return shapes
+
     def build_model(self, cfg, args):
         from d2_norms.engine.trainer import Trainer
 
         return Trainer.build_model(cfg)
+
+    def test(self, cfg, model, args):
+        from d2_norms.engine.trainer import Trainer
+
+        return Trainer.test(cfg, model)
 
     def trainer(self, cfg, args):
         from d2_norms.engine.trainer import Trainer
@@ -121,12 +142,11 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
     anything is written to OUTPUT_DIR. All problems are collected and raised together
     (:class:`~d2_norms.engine.errors.InputProblemsError`, one message, exit code 2).
     Returns the config."""
-    from d2_norms.config_checks import norm_problems
     from d2_norms.data import check_datasets
 
     from .errors import ConfigFileError, InputProblemsError, Problems, WeightsMismatchError
-    from .preflight import (check_batch_split, check_model_builds, check_weights_file,
-                            eval_weights_path, last_checkpoint_path)
+    from .preflight import (check_batch_split, check_weights_file, eval_weights_path,
+                            last_checkpoint_path)
 
     run = run or YacsRun()
     if not getattr(args, "config_file", ""):
@@ -149,12 +169,7 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
         test_only.DATASETS.TRAIN = ()
         with problems.check():
             check_datasets(test_only, deep=True)
-    norms = norm_problems(cfg)
-    problems.extend(norms)
-    shapes = None
-    if not norms:  # the model can only be built once its norm names are right
-        with problems.check():
-            shapes = check_model_builds(cfg, args.config_file)
+    shapes = run.model_checks(args, cfg, problems)
     allow = getattr(args, "allow_partial_weights", False)
     allow_norms = getattr(args, "allow_norm_mismatch", False)
     override = ("(--allow-partial-weights " + ("evaluates" if args.eval_only else "resumes")
@@ -184,13 +199,13 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
 
 
 def _evaluate_only(cfg, args, run: "YacsRun" = None):
-    from d2_norms.engine.trainer import Trainer
     from d2_norms.evaluation import save_results
 
     from .checkpoint import AtomicCheckpointer
     from .preflight import check_weights_file, eval_weights_path
 
-    model = (run or YacsRun()).build_model(cfg, args)
+    run = run or YacsRun()
+    model = run.build_model(cfg, args)
     weights = eval_weights_path(cfg, args.resume)
     checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -203,7 +218,7 @@ def _evaluate_only(cfg, args, run: "YacsRun" = None):
     # of finished iterations (max_iter), so +1 here. Weights without it (converted/zoo): None.
     saved_iter = extra.get("iteration")
     iteration = int(saved_iter) + 1 if isinstance(saved_iter, (int, float)) else None
-    results = Trainer.test(cfg, model)
+    results = run.test(cfg, model, args)
     if comm.is_main_process():
         save_results(cfg.OUTPUT_DIR, results, cfg, iteration=iteration,
                      dataset_name=",".join(cfg.DATASETS.TEST))

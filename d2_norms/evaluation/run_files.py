@@ -476,7 +476,7 @@ def load_config_yaml(path: str) -> Dict[str, Any]:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise RunFileError(path, f"config.yaml is not valid YAML ({e})") from e
-    if isinstance(data, dict) and "MODEL" not in data and "settings" in data:
+    if isinstance(data, dict) and "MODEL" not in data and ("train" in data or "model" in data):
         # A LazyConfig run (tools/lazyconfig_train_net.py): config.yaml is the LazyConfig, the
         # yacs settings the engine ran with are next to it.
         settings = os.path.join(os.path.dirname(path), LAZY_SETTINGS_FILE)

@@ -175,14 +175,17 @@ class SGDWithAGC(torch.optim.SGD):
             lr=0.02, momentum=0.9, weight_decay=1e-4, clipping=0.01)
 
     ``agc=True`` marks the prediction layers (and SkipInit scalars) that AGC leaves alone; groups
-    without those marks are all clipped."""
+    without those marks are all clipped. ``clipping=None`` is plain SGD (a recipe LazyConfig's
+    one optimizer node serves every normalizer: ``clipping="${d2n_recipe:agc_clipping}"`` is
+    the NF recipe's lambda for NF and None otherwise)."""
 
-    def __init__(self, params, lr=1e-3, *, clipping: float, **kwargs):
-        self.agc_clipping = check_clip_value(clipping)
+    def __init__(self, params, lr=1e-3, *, clipping: Optional[float], **kwargs):
+        self.agc_clipping = None if clipping is None else check_clip_value(clipping)
         super().__init__(params, lr=lr, **kwargs)
 
     def step(self, closure=None):
-        clip_param_groups_(self.param_groups, self.agc_clipping)
+        if self.agc_clipping is not None:
+            clip_param_groups_(self.param_groups, self.agc_clipping)
         return super().step(closure)
 
 
