@@ -170,7 +170,8 @@ def register_coco():
 
 @pytest.fixture(scope="session")
 def stock_configs_dir(tmp_path_factory):
-    """detectron2's own ``configs/`` (yacs model zoo and LazyConfigs) from the snapshot."""
+    """detectron2's own ``configs/`` (yacs model zoo and LazyConfigs) from the snapshot; its
+    ``tools/`` next to it (``stock_tools_dir``)."""
     import tarfile
 
     if not os.path.exists(D2_SNAPSHOT):
@@ -179,10 +180,20 @@ def stock_configs_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("d2_snapshot")
     with tarfile.open(D2_SNAPSHOT) as tar:
         members = [m for m in tar.getmembers()
-                   if m.name.startswith("configs/") or "/configs/" in m.name]
+                   if any(m.name.startswith(d) or f"/{d}" in m.name
+                          for d in ("configs/", "tools/"))]
         tar.extractall(root, members=members, filter="data")
     for dirpath, dirnames, _ in os.walk(root):
         if "configs" in dirnames and os.path.exists(os.path.join(dirpath, "configs",
                                                                  "Base-RCNN-FPN.yaml")):
             return os.path.join(dirpath, "configs")
     pytest.fail(f"no configs/ with Base-RCNN-FPN.yaml in {D2_SNAPSHOT}")
+
+
+@pytest.fixture(scope="session")
+def stock_tools_dir(stock_configs_dir):
+    """detectron2's own ``tools/`` (``lazyconfig_train_net.py``, ...) from the snapshot."""
+    tools = os.path.join(os.path.dirname(stock_configs_dir), "tools")
+    if not os.path.isfile(os.path.join(tools, "lazyconfig_train_net.py")):
+        pytest.fail(f"no tools/lazyconfig_train_net.py next to {stock_configs_dir}")
+    return tools

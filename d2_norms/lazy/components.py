@@ -123,7 +123,8 @@ def _fields_for(detector: str, norm: str) -> dict:
             import difflib
 
             names = sorted(set(registered_norms()) | set(detectron2_norm_names()))
-            close = difflib.get_close_matches(norm, names, n=3, cutoff=0.5)
+            close = ([n for n in names if n.lower() == str(norm).lower()]
+                     or difflib.get_close_matches(str(norm), names, n=3, cutoff=0.5))
             raise LazyConfigError(
                 f"d2_norms_model: unknown normalizer {norm!r}"
                 + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")

@@ -202,8 +202,10 @@ def lazy_settings(lazy):
         test = _resolved(lazy.dataloader.test)
         model = _resolved(lazy.model)
     except Exception as e:
-        if _is_user_error(e) or isinstance(getattr(e, "__cause__", None), LazyConfigError):
+        if _is_user_error(e):
             raise
+        if _is_user_error(getattr(e, "__cause__", None) or e):  # raised inside a resolver
+            raise e.__cause__ from None
         raise LazyConfigError(f"cannot resolve the LazyConfig's values: {type(e).__name__}: "
                               f"{e}") from None
     cfg.OUTPUT_DIR = str(train.get("output_dir", "./output"))
@@ -319,7 +321,8 @@ def lazy_norm_problems(lazy) -> List[str]:
         except UnknownNormError:
             ours = False
         if not ours and norm not in stock_names:
-            close = difflib.get_close_matches(norm, all_names, n=3, cutoff=0.5)
+            close = ([n for n in all_names if n.lower() == norm.lower()]
+                     or difflib.get_close_matches(norm, all_names, n=3, cutoff=0.5))
             problems.append(f"{path}={norm!r}: unknown normalizer"
                             + (f" (did you mean {' or '.join(map(repr, close))}?)" if close
                                else f"; registered: {', '.join(all_names)}"))
@@ -406,6 +409,10 @@ class LazyRun(YacsRun):
 
     def load(self, args) -> Tuple[object, object]:
         lazy = load_lazy_config(args.config_file, list(args.opts))
+        if "recipe" in lazy:  # every recipe problem at once, before values are read from it
+            from .recipe import check_recipe_node
+
+            check_recipe_node(lazy.recipe)
         keep_images_per_gpu(lazy, process_count(args))
         cfg = lazy_settings(lazy)
         resolve_device(cfg)
