@@ -7,6 +7,7 @@ YAML, keep their values). Existing detectron2 keys keep their meaning (``MODEL.R
 =====================================  ==========  =============================================
 key                                    default     meaning
 =====================================  ==========  =============================================
+MODEL.D2NORMS.NORM                     ""          the one field: normalizer of every part (below)
 MODEL.D2NORMS.ZERO_INIT_RESIDUAL       False       gamma 0 in each residual branch's last norm
 MODEL.D2NORMS.NF.ALPHA                 0.2         NF-ResNet residual scale (NF sec. 4, 5.1)
 MODEL.D2NORMS.NF.SKIP_GAIN_INIT        0.0         SkipInit scalar's initial value (sec. 4.4)
@@ -21,6 +22,12 @@ D2NORMS.EVAL.NUM_THREADS               0           faster-coco-eval mask IoU thr
 D2NORMS.EVAL.MAX_DETS_PER_IMAGE        100         detections per image COCO AP counts
 D2NORMS.EVAL.DUMP_PREDICTIONS          True        write coco_instances_results.json etc.
 =====================================  ==========  =============================================
+
+``MODEL.D2NORMS.NORM`` is the one field that sets a config's normalizer everywhere: when it is
+set, ``d2_norms.engine.preflight.load_config`` fills every key of
+``d2_norms.recipes.normalizer_fields`` (the norm of backbone, FPN, heads and RPN, and the recipe's
+per-normalizer extras: per-level head norms, AGC for NF, PreciseBN) that the YAML files and the
+command line leave unset; a key set there overrides it.
 
 :data:`NORM_KEYS` lists every key that names a normalizer (what error messages, run summaries
 and ``recipe.norm`` refer to); ``MODEL.RESNETS.NORM: "NF"`` (:data:`NF_NORM`) selects the
@@ -61,6 +68,8 @@ def add_d2_norms_config(cfg: CN) -> CN:
     # note: it hurt GN models trained from scratch). With MODEL.RESNETS.NORM "" (no norm, no
     # gamma) it zero-initialises the branch's last conv instead.
     _setdefault(d2n, "ZERO_INIT_RESIDUAL", False)
+    # The one field for the normalizer (resolved by load_config; "" = the per-part keys only).
+    _setdefault(d2n, "NORM", "")
 
     _setdefault(d2n, "NF", CN())
     nf = d2n.NF

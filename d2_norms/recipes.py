@@ -195,6 +195,49 @@ def norm_fields(detector: str, normalizer: str) -> Dict[str, str]:
     return fields
 
 
+def normalizer_fields(detector: str, normalizer: str) -> Dict[str, object]:
+    """Every yacs key one normalizer name decides for a detector (``MODEL.D2NORMS.NORM``, the
+    lazy ``recipe.norm``): the norm of each part and the recipe's per-normalizer extras
+    (RetinaNet per-level head norms, AGC for Scaled WS, PreciseBN for BN Mask R-CNN), with the
+    value that undoes them for other normalizers (e.g. no RPN norm, no clipping).
+
+    A recipe name (:data:`NORMALIZERS`) gives the cells' values; any other registered name
+    (``FRN_LEPS``, ``GN_G16``, a third-party norm, detectron2's) goes to every part, the RPN head
+    only when it needs Scaled WS convs, AGC only then. Unknown names: UnknownNormError."""
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
+    if normalizer in NORMALIZERS:
+        fields: Dict[str, object] = dict(norm_fields(detector, normalizer))
+        scaled_ws = normalizer == "NF"
+        has_module = normalizer != "NF"
+    else:
+        from d2_norms.layers import UnknownNormError, detectron2_norm_names, get_norm_spec
+
+        try:
+            conv = get_norm_spec(normalizer).conv
+        except UnknownNormError:
+            if normalizer not in detectron2_norm_names():
+                raise
+            conv = "plain"
+        scaled_ws, has_module = conv == "scaled_ws", conv != "scaled_ws"
+        parts = ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM"] + (
+            ["MODEL.RETINANET.NORM"] if detector == "retinanet"
+            else ["MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"])
+        fields = {k: normalizer for k in parts}
+        if detector != "retinanet" and scaled_ws:
+            fields["MODEL.RPN.NORM"] = normalizer
+    if detector == "retinanet":
+        fields["MODEL.RETINANET.NORM_PER_LEVEL"] = RETINANET_NORM_PER_LEVEL and has_module
+    else:
+        fields.setdefault("MODEL.RPN.NORM", "")
+        fields["TEST.PRECISE_BN.ENABLED"] = (detector, normalizer) in PRECISE_BN_CELLS
+    fields["SOLVER.CLIP_GRADIENTS.ENABLED"] = scaled_ws
+    if scaled_ws:
+        fields["SOLVER.CLIP_GRADIENTS.CLIP_TYPE"] = "agc"
+        fields["SOLVER.CLIP_GRADIENTS.CLIP_VALUE"] = NF_AGC_CLIPPING
+    return fields
+
+
 def config_name(detector: str, depth: int, normalizer: str, images_per_gpu: int,
                 length: Optional[str] = None, frn_base_lr: Optional[float] = None) -> str:
     suffix = f"_{length}" if length and length != "3x" else ""
@@ -268,9 +311,11 @@ def render_config(detector: str, depth: int, normalizer: str, images_per_gpu: in
     sched = schedule_for(detector, images_per_gpu, frn_base_lr=lr, length=length)
     name = config_name(detector, depth, normalizer, images_per_gpu, length,
                        frn_base_lr if detector == "retinanet" else None)
-    flat: Dict[str, object] = {"MODEL.RESNETS.DEPTH": depth}
-    flat.update(norm_fields(detector, normalizer))
-    extra = extra_fields(detector, normalizer)
+    # One field names the normalizer; load_config derives every per-part key and extra from it
+    # (normalizer_fields), so editing this line changes the cell's normalizer everywhere.
+    flat: Dict[str, object] = {"MODEL.D2NORMS.NORM": normalizer, "MODEL.RESNETS.DEPTH": depth}
+    decided = set(normalizer_fields(detector, normalizer))
+    extra = {k: v for k, v in extra_fields(detector, normalizer).items() if k not in decided}
     flat.update({k: v for k, v in extra.items() if k.startswith("MODEL.")})
     flat.update({f"SOLVER.{k}": v for k, v in sched.solver_dict().items()})
     flat.update({k: v for k, v in extra.items() if k.startswith("SOLVER.")})
@@ -287,6 +332,8 @@ def render_config(detector: str, depth: int, normalizer: str, images_per_gpu: in
         f"{images_per_gpu} image(s) per GPU (total {sched.ims_per_batch} on "
         f"{REFERENCE_WORLD_SIZE} GPUs; other GPU counts keep {images_per_gpu}/GPU and rescale).",
         f"# {note}.",
+        "# MODEL.D2NORMS.NORM sets the normalizer of backbone, FPN and heads (with the recipe's",
+        "# per-normalizer extras); a per-part key (e.g. MODEL.FPN.NORM) set here overrides it.",
         f'_BASE_: "{BASES[detector]}"',
     ]
     return "\n".join(header + list(_dump(_nested(flat)))) + "\n"

@@ -54,6 +54,8 @@ def model_key(cfg) -> str:
     model = cfg.MODEL.clone()
     model.defrost()
     model.WEIGHTS = ""
+    # MODEL.D2NORMS.NORM (issue 20) selects the per-part keys, which decide the model
+    model.D2NORMS.pop("NORM", None)
     # Which registered component builds a part is what issue 11 changes, not the model.
     for node, key in ((model, "META_ARCHITECTURE"), (model.RPN, "HEAD_NAME"),
                       (model.ROI_BOX_HEAD, "NAME"), (model.ROI_MASK_HEAD, "NAME")):

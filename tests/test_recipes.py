@@ -116,7 +116,62 @@ def test_matrix_config_loads_with_rule_values(name):
     # there is a norm module (not NF); the key is absent from every other file.
     per_level = detector == "retinanet" and normalizer != "NF"
     assert cfg.MODEL.RETINANET.NORM_PER_LEVEL is per_level
-    assert ("NORM_PER_LEVEL" in open(os.path.join(MATRIX_DIR, name)).read()) == per_level
+    # Issue 20: the file names its normalizer in one field; the per-part keys and extras above
+    # come from it (no per-part NORM key, clipping or per-level key is written in the file)
+    text = open(os.path.join(MATRIX_DIR, name)).read()
+    assert f'D2NORMS:\n    NORM: "{normalizer}"' in text
+    assert text.count("\n    NORM: ") == 1
+    for key in ("NORM_PER_LEVEL", "CLIP_GRADIENTS", "PRECISE_BN", "FPN:", "RETINANET:", "RPN:",
+                "ROI_BOX_HEAD:", "ROI_MASK_HEAD:"):
+        assert key not in text, key
+
+
+def _cell_with_edit(tmp_path, name, old, new):
+    text = open(os.path.join(MATRIX_DIR, name)).read()
+    assert old in text
+    edited = tmp_path / name
+    edited.write_text(text.replace(old, new))
+    for base in ("Base-RetinaNet-scratch.yaml", "Base-MaskRCNN-scratch.yaml"):
+        (tmp_path / base).write_text(open(os.path.join(MATRIX_DIR, base)).read().replace(
+            '"../Base-', f'"{os.path.dirname(MATRIX_DIR)}/Base-'))
+    return str(edited)
+
+
+@pytest.mark.parametrize("detector,old,new", [
+    ("retinanet", "FRN", "NF"), ("retinanet", "NF", "GN"), ("mask_rcnn", "NF", "BN"),
+    ("mask_rcnn", "GN", "NF"), ("mask_rcnn", "FRN", "GNWS")])
+def test_one_edit_changes_a_cells_normalizer_everywhere(tmp_path, detector, old, new):
+    """Editing MODEL.D2NORMS.NORM in a cell gives exactly the cell of the other normalizer
+    (every norm key, per-level heads, RPN norm, AGC, PreciseBN): the whole config is equal."""
+    from d2_norms.engine.preflight import load_config
+
+    name = recipes.config_name(detector, 50, old, 2, "3x", 0.05 if detector == "retinanet"
+                               else None)
+    edited = _cell_with_edit(tmp_path, name, f'NORM: "{old}"', f'NORM: "{new}"')
+    mine = load_config(edited, [])
+    target = load_config(os.path.join(MATRIX_DIR, name.replace(f"_{old}_", f"_{new}_")), [])
+    mine.OUTPUT_DIR = target.OUTPUT_DIR
+    assert mine.dump() == target.dump()
+
+
+def test_per_part_keys_and_command_line_override_the_one_field(tmp_path):
+    from d2_norms.engine.preflight import load_config
+
+    name = "mask_rcnn_R_50_FPN_FRN_2img.yaml"
+    edited = _cell_with_edit(tmp_path, name, 'NORM: "FRN"',
+                             'NORM: "NF"\n  FPN:\n    NORM: "GN"')
+    cfg = load_config(edited, ["MODEL.ROI_MASK_HEAD.NORM", "FRN_LEPS"])
+    assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM,
+            cfg.MODEL.ROI_MASK_HEAD.NORM, cfg.MODEL.RPN.NORM) == ("NF", "GN", "NF", "FRN_LEPS",
+                                                                  "NF")
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "agc"
+    leps = load_config(os.path.join(MATRIX_DIR, name), ["MODEL.D2NORMS.NORM", "FRN_LEPS"])
+    assert {leps.MODEL[k].NORM for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")} == \
+        {"FRN_LEPS"} and leps.MODEL.RPN.NORM == ""
+    from d2_norms.layers import UnknownNormError
+
+    with pytest.raises(UnknownNormError, match=r"MODEL.D2NORMS.NORM='gnws'.*did you mean 'GNWS'"):
+        load_config(os.path.join(MATRIX_DIR, name), ["MODEL.D2NORMS.NORM", "gnws"])
 
 
 def test_frn_table6_cells_use_per_level_head_norms():
@@ -206,20 +261,40 @@ def test_reproduce_paper_table_commands(table, runs):
     assert "ap_table.py --paper" in out.stdout
 
 
-def test_lazy_twins_are_covered_by_the_drift_check(tmp_path):
-    """--check also compares configs/lazy (one LazyConfig per yacs cell + synthetic): an edited
-    or stale lazy file fails it."""
-    from d2_norms.lazy.configs import write_lazy_configs
+def test_every_matrix_cell_is_one_recipe_override_of_the_lazy_configs():
+    """configs/lazy/COCO-scratch/*.py select a cell with recipe.norm / recipe.ims_per_gpu /
+    recipe.frn_base_lr / recipe.length: for every generated yacs cell the recipe values equal
+    the file's (norms, batch, lr, decay, schedule, periods, AGC, PreciseBN)."""
+    from d2_norms.engine.preflight import load_config
+    from d2_norms.lazy.recipe import recipe_values
 
-    assert write_lazy_configs(os.path.join(REPO, "configs", "lazy"), check=True) == []
-    assert write_lazy_configs(str(tmp_path)) and write_lazy_configs(str(tmp_path), True) == []
-    edited = tmp_path / "COCO-scratch" / "retinanet_R_50_FPN_FRN_2img.py"
-    edited.write_text(edited.read_text().replace("norm='FRN'", "norm='GN'"))
-    (tmp_path / "synthetic" / "old.py").write_text("")
-    assert write_lazy_configs(str(tmp_path), check=True) == [
-        os.path.join("COCO-scratch", "retinanet_R_50_FPN_FRN_2img.py"),
-        os.path.join("synthetic", "old.py") + " (not produced by the generator)"]
-    yaml_stems = {f[:-5] for f in os.listdir(MATRIX_DIR) if not f.startswith("Base-")}
-    lazy_stems = {f[:-3] for f in os.listdir(os.path.join(REPO, "configs", "lazy",
-                                                          "COCO-scratch"))}
-    assert lazy_stems == yaml_stems
+    cells = list(recipes.matrix_cells())
+    assert len(cells) == 216
+    for detector, depth, norm, ims, length, lr in cells:
+        name = recipes.config_name(detector, depth, norm, ims, length, lr)
+        data = load_config(os.path.join(MATRIX_DIR, name), [])
+        recipe = {"detector": detector, "norm": norm, "ims_per_gpu": ims, "length": length}
+        if lr is not None:
+            recipe["frn_base_lr"] = lr
+        v = recipe_values(recipe)
+        model, solver = data["MODEL"], data["SOLVER"]
+        norms = {"backbone_norm": model["RESNETS"]["NORM"], "fpn_norm": model["FPN"]["NORM"],
+                 "head_norm": model.get("RETINANET", {}).get("NORM", ""),
+                 "rpn_norm": model.get("RPN", {}).get("NORM", ""),
+                 "box_head_norm": model.get("ROI_BOX_HEAD", {}).get("NORM", ""),
+                 "mask_head_norm": model.get("ROI_MASK_HEAD", {}).get("NORM", "")}
+        assert {k: v[k] for k in norms} == norms, name
+        assert v["head_norm_per_level"] == model.get("RETINANET", {}).get("NORM_PER_LEVEL",
+                                                                          False), name
+        assert (v["total_batch"], v["max_iter"], tuple(v["steps"]), v["warmup_iters"],
+                v["weight_decay"], v["momentum"], v["checkpoint_period"], v["eval_period"]) == (
+            solver["IMS_PER_BATCH"], solver["MAX_ITER"], tuple(solver["STEPS"]),
+            solver["WARMUP_ITERS"], solver["WEIGHT_DECAY"], solver["MOMENTUM"],
+            solver["CHECKPOINT_PERIOD"], data["TEST"]["EVAL_PERIOD"]), name
+        assert v["lr"] == pytest.approx(solver["BASE_LR"], rel=1e-9), name
+        assert (v["lr_scheduler_name"], v["warmup_method"]) == (
+            solver["LR_SCHEDULER_NAME"], solver["WARMUP_METHOD"]), name
+        clip = solver.get("CLIP_GRADIENTS", {})
+        assert v["agc_clipping"] == (clip["CLIP_VALUE"] if clip.get("CLIP_TYPE") == "agc"
+                                     else None), name
+        assert v["precise_bn"] == data["TEST"].get("PRECISE_BN", {}).get("ENABLED", False), name

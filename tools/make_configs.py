@@ -8,16 +8,14 @@ Matrix: {RetinaNet, Mask R-CNN} x {R50, R101} x {BN, SyncBN, GN, GNWS, FRN, NF} 
 images per GPU; RetinaNet at each FRN base lr {0.01, 0.05, 0.1} (0.05 unsuffixed, the others
 ``_lr0.01`` / ``_lr0.1``); plus the long ("9x") GN-paper schedule for Mask R-CNN R50.
 
-The LazyConfig twins are written next to them: ``configs/lazy/COCO-scratch/<stem>.py`` for every
-``configs/COCO-scratch/<stem>.yaml`` (same rules) and ``configs/lazy/synthetic/*.py`` (tiny set,
-CPU); ``--check`` covers both.
+The LazyConfigs need no generated copies: ``configs/lazy/COCO-scratch/*.py`` select any cell
+with ``recipe.norm=... recipe.ims_per_gpu=...`` (the same rules, ``d2_norms/lazy/recipe.py``).
 """
 import argparse
 import os
 import sys
 
 import d2_norms  # noqa: F401
-from d2_norms.lazy.configs import write_lazy_configs
 from d2_norms.recipes import write_matrix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,13 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(REPO, "configs", "COCO-scratch"))
-    parser.add_argument("--lazy-dir", default=os.path.join(REPO, "configs", "lazy"),
-                        help="where the LazyConfig twins go")
     parser.add_argument("--check", action="store_true",
                         help="compare with the files on disk instead of writing")
     args = parser.parse_args(argv)
     drift = write_matrix(args.out_dir, check=args.check)
-    drift += ["lazy/" + d for d in write_lazy_configs(args.lazy_dir, check=args.check)]
     if args.check:
         if drift:
             print("configs differ from tools/make_configs.py's output (run it to regenerate):")

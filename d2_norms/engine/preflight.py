@@ -116,7 +116,53 @@ def load_config(config_file: str, opts: List[str]):
                 raise
             raise ConfigKeyError(unknown_key_message(key, known, "the command-line overrides")
                                  ) from None
+    if cfg.MODEL.D2NORMS.NORM:
+        apply_norm_field(cfg, config_file, opts)
     return cfg
+
+
+def apply_norm_field(cfg, config_file: str, opts: List[str]) -> Dict[str, Any]:
+    """``MODEL.D2NORMS.NORM``, the one field: every key of
+    :func:`d2_norms.recipes.normalizer_fields` that no YAML file of the chain and no
+    command-line override sets gets the field's value (a key set there overrides the field).
+    Returns what was set."""
+    import difflib
+
+    from d2_norms import recipes
+    from d2_norms.config import meta_architecture_family
+    from d2_norms.layers import UnknownNormError, detectron2_norm_names, registered_norms
+
+    norm = str(cfg.MODEL.D2NORMS.NORM)
+    family = meta_architecture_family(cfg.MODEL.META_ARCHITECTURE)
+    detector = {"RetinaNet": "retinanet", "GeneralizedRCNN": "mask_rcnn"}.get(family)
+    if detector is None:
+        raise ConfigKeyError(f"MODEL.D2NORMS.NORM={norm!r}: the one-field normalizer knows "
+                             f"RetinaNet and (Mask / Faster) R-CNN models, not "
+                             f"{cfg.MODEL.META_ARCHITECTURE}; set the per-part NORM keys instead")
+    try:
+        fields = recipes.normalizer_fields(detector, norm)
+    except UnknownNormError:
+        names = sorted(set(registered_norms()) | set(detectron2_norm_names()))
+        close = ([n for n in names if n.lower() == norm.lower()]
+                 or difflib.get_close_matches(norm, names, n=3, cutoff=0.5))
+        raise UnknownNormError(
+            f"MODEL.D2NORMS.NORM={norm!r}: unknown normalizer"
+            + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+            + f"; the recipe's: {', '.join(recipes.NORMALIZERS)}; registered: "
+            f"{', '.join(names)}") from None
+    explicit = {str(k) for k in (opts or [])[0::2]}
+    chain = _base_chain(config_file) if config_file else []
+    chosen = {}
+    for key, value in fields.items():
+        if key in explicit or any(_has_key(data, key) for _, data in chain):
+            continue
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        chosen[key] = value
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------

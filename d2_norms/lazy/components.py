@@ -107,38 +107,29 @@ def _target_name(node) -> str:
 
 
 def _fields_for(detector: str, norm: str) -> dict:
-    """The norm of each part (yacs keys) for ``norm``: the recipe's rule for its names, the
-    same name everywhere (RPN: only Scaled WS) for any other registered name."""
+    """The norm of each part (yacs keys) for ``norm``: :func:`d2_norms.recipes.normalizer_fields`
+    (the recipe's rule for its names, the same name everywhere, RPN only for Scaled WS, for any
+    other registered name)."""
+    import difflib
+
     from d2_norms import recipes
+    from d2_norms.config import NORM_KEYS
     from d2_norms.engine.errors import LazyConfigError
-    from d2_norms.layers import (UnknownNormError, detectron2_norm_names, get_norm_spec,
-                                 registered_norms)
+    from d2_norms.layers import UnknownNormError, detectron2_norm_names, registered_norms
 
-    if norm in recipes.NORMALIZERS:
-        return recipes.norm_fields(detector, norm)
     try:
-        conv = get_norm_spec(norm).conv
+        fields = recipes.normalizer_fields(detector, norm)
     except UnknownNormError:
-        if norm not in detectron2_norm_names():
-            import difflib
-
-            names = sorted(set(registered_norms()) | set(detectron2_norm_names()))
-            close = ([n for n in names if n.lower() == str(norm).lower()]
-                     or difflib.get_close_matches(str(norm), names, n=3, cutoff=0.5))
-            raise LazyConfigError(
-                f"d2_norms_model: unknown normalizer {norm!r}"
-                + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
-                + f"; registered: {', '.join(names)}; parametric GN_G<groups>, GN_C<k>, "
-                "GNWS_G<groups>, GNWS_C<k>; register your own with "
-                "d2_norms.layers.register_norm") from None
-        conv = "plain"
-    keys = ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM"] + (
-        ["MODEL.RETINANET.NORM"] if detector == "retinanet"
-        else ["MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"])
-    fields = {k: norm for k in keys}
-    if detector != "retinanet":
-        fields["MODEL.RPN.NORM"] = norm if conv == "scaled_ws" else ""
-    return fields
+        names = sorted(set(registered_norms()) | set(detectron2_norm_names()))
+        close = ([n for n in names if n.lower() == str(norm).lower()]
+                 or difflib.get_close_matches(str(norm), names, n=3, cutoff=0.5))
+        raise LazyConfigError(
+            f"d2_norms_model: unknown normalizer {norm!r}"
+            + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+            + f"; registered: {', '.join(names)}; parametric GN_G<groups>, GN_C<k>, "
+            "GNWS_G<groups>, GNWS_C<k>; register your own with "
+            "d2_norms.layers.register_norm") from None
+    return {k: v for k, v in fields.items() if k in NORM_KEYS}
 
 
 def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4,
@@ -213,10 +204,8 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4,
         model.head.norm = fields["MODEL.RETINANET.NORM"]
         # one norm per pyramid level where the recipe's RetinaNet cells have one (issue 13 item 7)
         head_norm = fields["MODEL.RETINANET.NORM"]
-        model.head.norm_per_level = bool(
-            recipes.extra_fields(detector, head_norm).get("MODEL.RETINANET.NORM_PER_LEVEL", False)
-            if head_norm in recipes.NORMALIZERS
-            else recipes.RETINANET_NORM_PER_LEVEL and _has_norm_module(head_norm))
+        model.head.norm_per_level = bool(head_norm) and bool(
+            recipes.normalizer_fields(detector, head_norm)["MODEL.RETINANET.NORM_PER_LEVEL"])
         changes.append(f"RetinaNet: D2NormsRetinaNet, head D2NormsRetinaNetHead (norm "
                        f"{head_norm!r}, norm_per_level {model.head.norm_per_level})")
         _log(changes)
@@ -250,15 +239,6 @@ def _conv_kind(norm) -> str:
         return norm_conv_kind(norm)
     except Exception:
         return "plain"
-
-
-def _has_norm_module(norm: str) -> bool:
-    from d2_norms.layers import UnknownNormError, get_norm_spec
-
-    try:
-        return get_norm_spec(norm).conv != "scaled_ws"
-    except UnknownNormError:
-        return True
 
 
 def _log(changes) -> None:

@@ -381,13 +381,20 @@ def check_saveable(lazy, cfg) -> None:
             LazyConfig.save(lazy, path)
         finally:
             detectron2_logger.setLevel(level)
-        if not os.path.isfile(path) or os.path.exists(path + ".pkl"):
+        lost = None
+        if os.path.isfile(path) and not os.path.exists(path + ".pkl"):
+            from omegaconf import OmegaConf
+
+            saved = LazyConfig.load(path)
+            lost = _unlocatable_targets(OmegaConf.to_container(saved, resolve=False))
+        if lost is None or lost:
             logger.warning("this LazyConfig holds objects YAML cannot represent (a lambda, a "
-                           "closure): the run's config.yaml will not reproduce it; detectron2 "
-                           "saves a pickle (config.yaml.pkl) instead")
+                           "closure%s): the run's config.yaml will not reproduce it (detectron2 "
+                           "saves a pickle, config.yaml.pkl, where it can)",
+                           f": {', '.join(lost)}" if lost else "")
             return
         try:
-            again = lazy_settings(LazyConfig.load(path))
+            again = lazy_settings(saved)
         except Exception as e:
             problem = f"loading the saved file fails ({type(e).__name__}: {e})"
         else:
@@ -398,6 +405,26 @@ def check_saveable(lazy, cfg) -> None:
                 f"this LazyConfig cannot be saved as the run's config.yaml: {problem}. Use "
                 "registered functions (module-level, importable) and plain values in "
                 "LazyCall(...) nodes, as configs/lazy/ does.")
+
+
+def _unlocatable_targets(node, prefix: str = "") -> List[str]:
+    """Paths of ``_target_`` strings that cannot be imported back (a lambda saved by name)."""
+    from detectron2.utils.registry import locate
+
+    out = []
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            try:
+                locate(target)
+            except Exception:
+                out.append(f"{prefix.rstrip('.') or 'root'} ({target})")
+        for key, value in node.items():
+            out += _unlocatable_targets(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _unlocatable_targets(value, f"{prefix}{i}.")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

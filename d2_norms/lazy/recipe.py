@@ -133,8 +133,7 @@ def recipe_values(recipe: Mapping) -> Dict[str, Any]:
     sched = recipes.schedule_for(detector, recipe["ims_per_gpu"], world_size=recipe["num_gpus"],
                                  frn_base_lr=float(recipe["frn_base_lr"]),
                                  length=recipe["length"])
-    recipe_norm = norm if norm in recipes.NORMALIZERS else None
-    extra = recipes.extra_fields(detector, recipe_norm) if recipe_norm else {}
+    whole = recipes.normalizer_fields(detector, norm)
     out = {
         "backbone_norm": fields["MODEL.RESNETS.NORM"],
         "fpn_norm": fields["MODEL.FPN.NORM"],
@@ -153,7 +152,7 @@ def recipe_values(recipe: Mapping) -> Dict[str, Any]:
         "lr_scheduler_name": sched.lr_scheduler_name,
         "checkpoint_period": sched.checkpoint_period,
         "eval_period": sched.eval_period,
-        "precise_bn": bool(extra.get("TEST.PRECISE_BN.ENABLED", False)),
+        "precise_bn": bool(whole.get("TEST.PRECISE_BN.ENABLED", False)),
     }
     # AGC: the NF recipe's clipping wherever a part uses Scaled WS convs
     from .components import _conv_kind
@@ -161,15 +160,8 @@ def recipe_values(recipe: Mapping) -> Dict[str, Any]:
     uses_scaled_ws = any(_conv_kind(v) == "scaled_ws" for v in fields.values() if v)
     out["agc_clipping"] = recipes.NF_AGC_CLIPPING if uses_scaled_ws else None
     head = out["head_norm"]
-    if detector == "retinanet":
-        from .components import _has_norm_module
-
-        out["head_norm_per_level"] = bool(
-            recipes.extra_fields(detector, head).get("MODEL.RETINANET.NORM_PER_LEVEL", False)
-            if head in recipes.NORMALIZERS
-            else recipes.RETINANET_NORM_PER_LEVEL and bool(head) and _has_norm_module(head))
-    else:
-        out["head_norm_per_level"] = False
+    out["head_norm_per_level"] = bool(head) and detector == "retinanet" and bool(
+        recipes.normalizer_fields(detector, head)["MODEL.RETINANET.NORM_PER_LEVEL"])
     return out
 
 
