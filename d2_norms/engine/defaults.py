@@ -121,7 +121,7 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
     anything is written to OUTPUT_DIR. All problems are collected and raised together
     (:class:`~d2_norms.engine.errors.InputProblemsError`, one message, exit code 2).
     Returns the config."""
-    from d2_norms.config_checks import norm_problems
+    from d2_norms.config_checks import image_group_problems, norm_problems
     from d2_norms.data import check_datasets
 
     from .errors import ConfigFileError, InputProblemsError, Problems, WeightsMismatchError
@@ -151,6 +151,8 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
             check_datasets(test_only, deep=True)
     norms = norm_problems(cfg)
     problems.extend(norms)
+    if not args.eval_only and not norms:
+        problems.extend(image_group_problems(cfg, world_size))
     shapes = None
     if not norms:  # the model can only be built once its norm names are right
         with problems.check():
