@@ -5,11 +5,13 @@ Unit-wise: for row i of a parameter W (its output unit) with gradient G,
 
     G_i <- G_i * lambda * max(||W_i||, eps) / ||G_i||   if ||G_i|| > lambda * max(||W_i||, eps)
 
-with Frobenius norms over every dimension but the unit dimension (elementwise for vectors and
-scalars), eps = 1e-3. The unit dimension is 0 (conv/linear weights are (out, in, ...)), except for
-transposed convolutions, whose weights are (in, out, ...): there it is 1, so that a "row" is an
-output unit everywhere, as in the paper and its reference code (HWIO layout, norms over all axes
-but the last).
+with Frobenius norms over every dimension but the unit dimension, eps = 1e-3. The unit dimension
+is 0 (conv/linear weights are (out, in, ...)), except for transposed convolutions, whose weights
+are (in, out, ...): there it is 1, so that a "row" is an output unit everywhere, as in the paper
+and its reference code (HWIO layout, norms over all axes but the last). A vector or scalar
+parameter (bias, gain, learned eps) is one unit: its norm is that of the whole tensor, as in the
+reference code's ``unitwise_norm`` (``ndim <= 1``: the norm over all of it) and timm's
+``adaptive_clip_grad``. (Before issue 23 d2_norms clipped vectors element by element.)
 
 The final classifier/regressor layers are not clipped (paper sec. 4.1: "we do not clip the final
 linear layer"). In a detector these are the layers that map features to predictions:
@@ -99,10 +101,10 @@ def unit_dims(model: nn.Module) -> Dict[str, int]:
 
 
 def unitwise_norm(x: torch.Tensor, unit_dim: int = 0) -> torch.Tensor:
-    """L2 norm of each unit (row along ``unit_dim``), broadcastable to ``x``; ``|x|`` for
-    vectors and scalars."""
+    """L2 norm of each unit (row along ``unit_dim``), broadcastable to ``x``; for vectors and
+    scalars the norm of the whole tensor (one unit), a 0-d tensor."""
     if x.dim() <= 1:
-        return x.abs()
+        return torch.linalg.vector_norm(x, ord=2)
     dims = tuple(d for d in range(x.dim()) if d != unit_dim)
     return torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
 
