@@ -19,7 +19,7 @@ def reference_agc(w, g, lam, eps=1e-3, unit_dim=0):
     """The paper's rule written out row by row (unit i = index along unit_dim); a vector or
     scalar is one unit (the reference code's and timm's unitwise_norm)."""
     w, g = w.double(), g.double()
-    if w.dim() <= 1:
+    if w.squeeze().dim() <= 1:  # the reference code's test
         bound = lam * max(float(w.pow(2).sum().sqrt()), eps)
         gn = float(g.pow(2).sum().sqrt())
         return g * (bound / gn) if gn > bound else g.clone()
@@ -33,7 +33,7 @@ def reference_agc(w, g, lam, eps=1e-3, unit_dim=0):
 
 
 @pytest.mark.parametrize("shape,unit_dim", [((16, 8, 3, 3), 0), ((10, 7), 0), ((12,), 0), ((), 0),
-                                            ((8, 4, 2, 2), 1)])
+                                            ((8, 4, 2, 2), 1), ((12, 1, 1, 1), 0)])
 def test_unitwise_clipping_matches_row_by_row_reference(shape, unit_dim):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=gen)
@@ -62,10 +62,10 @@ def test_unitwise_clipping_matches_row_by_row_reference(shape, unit_dim):
     ref = reference_agc(w, g, 0.05, unit_dim=unit_dim)
     torch.testing.assert_close(p.grad.double(), ref, rtol=1e-5, atol=1e-12)
     # Some units were clipped and some were not (both branches exercised).
-    if w.dim() > 1:
+    if w.squeeze().dim() > 1:
         assert not torch.equal(p.grad, g) and torch.isclose(p.grad, g).any()
-    elif w.dim() == 1:  # the whole vector scaled by one factor, to the bound
-        scale = p.grad / g
+    elif w.dim() >= 1:  # a vector (or (C, 1, 1, 1) gain) scaled by one factor, to the bound
+        scale = (p.grad / g).reshape(-1)
         torch.testing.assert_close(scale, scale[:1].expand_as(scale))
         torch.testing.assert_close(p.grad.norm(), 0.05 * w.norm())
     torch.testing.assert_close(p.detach(), w)  # the weight itself is untouched
@@ -98,6 +98,14 @@ def test_matches_timm_adaptive_clip_grad(kind, scale):
     timm_agc.adaptive_clip_grad([theirs], clip_factor=0.02, eps=1e-3)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=0)
     torch.testing.assert_close(unitwise_norm(w).squeeze(), timm_agc.unitwise_norm(w).squeeze())
+    if kind == "gain":
+        # the Scaled WS gain as d2_norms (and timm's ScaledStdConv2d) store it, (C, 1, 1, 1): one
+        # unit as in the NFNet reference code (a (C,) vector there), so = timm on the vector
+        # (timm's adaptive_clip_grad would clip a 4-D gain per channel)
+        gain = nn.Parameter(w.clone().reshape(-1, 1, 1, 1))
+        gain.grad = g.clone().reshape(-1, 1, 1, 1)
+        adaptive_clip_grad_(gain, 0.02)
+        torch.testing.assert_close(gain.grad.reshape(-1), theirs.grad, rtol=1e-12, atol=0)
     assert (not torch.equal(ours.grad, g)) == (scale > 1)  # the large gradients were clipped
 
 

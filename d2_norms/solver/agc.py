@@ -10,8 +10,12 @@ is 0 (conv/linear weights are (out, in, ...)), except for transposed convolution
 are (in, out, ...): there it is 1, so that a "row" is an output unit everywhere, as in the paper
 and its reference code (HWIO layout, norms over all axes but the last). A vector or scalar
 parameter (bias, gain, learned eps) is one unit: its norm is that of the whole tensor, as in the
-reference code's ``unitwise_norm`` (``ndim <= 1``: the norm over all of it) and timm's
-``adaptive_clip_grad``. (Before issue 23 d2_norms clipped vectors element by element.)
+reference code's ``unitwise_norm`` (``len(jnp.squeeze(x).shape) <= 1``: scalars and vectors, the
+norm over all of it). As there, "vector" means at most one dimension larger than 1, so the
+Scaled WS gain, stored ``(out, 1, 1, 1)`` to broadcast over the weight (a ``(out,)`` vector in
+the reference code), is one unit too; timm's ``adaptive_clip_grad`` (``ndim <= 1``) agrees on
+1-D tensors and clips a ``(out, 1, 1, 1)`` gain per channel. (Before issue 23 d2_norms clipped
+vectors and gains element by element.)
 
 The final classifier/regressor layers are not clipped (paper sec. 4.1: "we do not clip the final
 linear layer"). In a detector these are the layers that map features to predictions:
@@ -102,8 +106,9 @@ def unit_dims(model: nn.Module) -> Dict[str, int]:
 
 def unitwise_norm(x: torch.Tensor, unit_dim: int = 0) -> torch.Tensor:
     """L2 norm of each unit (row along ``unit_dim``), broadcastable to ``x``; for vectors and
-    scalars the norm of the whole tensor (one unit), a 0-d tensor."""
-    if x.dim() <= 1:
+    scalars (at most one dimension larger than 1, e.g. a ``(C,)`` bias or a ``(C, 1, 1, 1)``
+    gain) the norm of the whole tensor (one unit), a 0-d tensor."""
+    if sum(size > 1 for size in x.shape) <= 1:
         return torch.linalg.vector_norm(x, ord=2)
     dims = tuple(d for d in range(x.dim()) if d != unit_dim)
     return torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
