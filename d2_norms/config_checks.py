@@ -10,6 +10,8 @@ config selects for each norm key and report, for every key at once, what to chan
 
 * a stock component given a d2_norms name: the d2_norms component that builds it;
 * a name no component knows (typo): close names;
+* ``BN_IMG<k>`` (BatchNorm over groups of k images) in a RoI head, whose batch holds RoIs, and
+  a per-device training batch that k does not divide (:func:`image_group_problems`);
 * a norm key nobody reads (``MODEL.RPN.NORM`` with detectron2's RPN head) or a head with no
   layer to normalize (``NUM_CONV: 0``): never a silently different network;
 * NF with inputs far from unit variance (detectron2's ``PIXEL_STD`` of 1 on 0-255 pixels): the
@@ -26,7 +28,7 @@ from typing import List, Optional, Sequence
 
 from .config import NF_NORM, get_dotted
 
-__all__ = ["norm_problems", "nf_input_problem", "UNIT_VARIANCE_PIXEL_STD", "Part", "PARTS",
+__all__ = ["norm_problems", "image_group_problems", "nf_input_problem", "UNIT_VARIANCE_PIXEL_STD", "Part", "PARTS",
            "check_norm_name", "active_norms", "NORM_RECORD", "norm_record",
            "weights_norm_problem"]
 
@@ -143,8 +145,41 @@ def check_norm_name(norm, part: Part, component: str) -> Optional[str]:
         return (f"{part.key}={norm!r}: unknown normalizer name.{_close(norm, _all_names())} "
                 "Known names: " + ", ".join(_all_names()) + "; parametric GN_G<groups>, "
                 "GN_C<channels per group>, GNWS_G<groups>, GNWS_C<channels per group> (optional "
-                "_FALLBACK suffix); register your own with d2_norms.layers.register_norm.")
+                "_FALLBACK suffix), BN_IMG<images per group>; register your own with d2_norms.layers.register_norm.")
     return None
+
+
+def _images_per_group(norm):
+    from .layers import images_per_group_of
+
+    return images_per_group_of(norm)
+
+
+def images_per_device(cfg, world_size: int) -> int:
+    """Training images per process: SOLVER.IMS_PER_BATCH / REFERENCE_WORLD_SIZE when
+    auto-scaling is on (it keeps that number on any process count), else / world_size."""
+    ref = int(get_dotted(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0) or 0)
+    return int(cfg.SOLVER.IMS_PER_BATCH) // (ref if ref > 0 else max(1, int(world_size)))
+
+
+def image_group_problems(cfg, world_size: int) -> List[str]:
+    """``BN_IMG<k>`` keys whose k does not divide the per-device training batch (its layers
+    would raise at the first iteration): one message per key."""
+    per_device = images_per_device(cfg, world_size)
+    problems = []
+    for key, norm in active_norms(cfg).items():
+        k = _images_per_group(norm)
+        if k is None or (per_device >= k and per_device % k == 0):
+            continue
+        divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+        problems.append(
+            f"{key}={norm!r} normalizes over groups of {k} images, but each of the {world_size} "
+            f"process(es) trains on {per_device} images per iteration (SOLVER.IMS_PER_BATCH="
+            f"{cfg.SOLVER.IMS_PER_BATCH}, SOLVER.REFERENCE_WORLD_SIZE="
+            f"{get_dotted(cfg, 'SOLVER.REFERENCE_WORLD_SIZE', 0)}), not a multiple of {k}. Set "
+            f"SOLVER.IMS_PER_BATCH to a multiple of {k} x the number of processes, or {key} to "
+            f"BN_IMG<d> with d in {divisors} (BN: statistics over the whole per-device batch).")
+    return problems
 
 
 def nf_input_problem(pixel_std, where: str, fix_key: str) -> Optional[str]:
@@ -197,6 +232,14 @@ def norm_problems(cfg) -> List[str]:
         problem = check_norm_name(norm, part, component)
         if problem is not None:
             problems.append(problem)
+            continue
+        if part.num_conv_key and _images_per_group(norm) is not None:
+            problems.append(
+                f"{part.key}={norm!r}: BN_IMG<k> normalizes over groups of k images, but the "
+                "RoI heads' batch holds RoIs (a varying number per image), not images. Use BN "
+                "(statistics over all RoIs of the per-device batch), GN or another norm there; "
+                "BN_IMG<k> applies to MODEL.RESNETS.NORM, MODEL.FPN.NORM, MODEL.RPN.NORM and "
+                "MODEL.RETINANET.NORM.")
             continue
         if norm and part.num_conv_key and int(get_dotted(cfg, part.num_conv_key, 1)) == 0:
             problems.append(

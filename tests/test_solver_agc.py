@@ -16,15 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def reference_agc(w, g, lam, eps=1e-3, unit_dim=0):
-    """The paper's rule written out row by row (unit i = index along unit_dim)."""
+    """The paper's rule written out row by row (unit i = index along unit_dim); a vector or
+    scalar is one unit (the reference code's and timm's unitwise_norm)."""
     w, g = w.double(), g.double()
-    if w.dim() <= 1:
-        out = g.clone().reshape(-1)
-        for i, (wi, gi) in enumerate(zip(w.reshape(-1), g.reshape(-1))):
-            bound = lam * max(abs(float(wi)), eps)
-            if abs(float(gi)) > bound:
-                out[i] = gi * bound / abs(float(gi))
-        return out.reshape(g.shape)
+    if w.squeeze().dim() <= 1:  # the reference code's test
+        bound = lam * max(float(w.pow(2).sum().sqrt()), eps)
+        gn = float(g.pow(2).sum().sqrt())
+        return g * (bound / gn) if gn > bound else g.clone()
     wt, gt = w.movedim(unit_dim, 0), g.movedim(unit_dim, 0).clone()
     for i in range(wt.shape[0]):
         bound = lam * max(float(wt[i].pow(2).sum().sqrt()), eps)
@@ -35,7 +33,7 @@ def reference_agc(w, g, lam, eps=1e-3, unit_dim=0):
 
 
 @pytest.mark.parametrize("shape,unit_dim", [((16, 8, 3, 3), 0), ((10, 7), 0), ((12,), 0), ((), 0),
-                                            ((8, 4, 2, 2), 1)])
+                                            ((8, 4, 2, 2), 1), ((12, 1, 1, 1), 0)])
 def test_unitwise_clipping_matches_row_by_row_reference(shape, unit_dim):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=gen)
@@ -43,8 +41,14 @@ def test_unitwise_clipping_matches_row_by_row_reference(shape, unit_dim):
         w.view(-1)[:3] = 0.0  # zero weights: the eps floor matters
         if w.dim() > 1:
             w.select(unit_dim, 0).zero_()  # a whole zero unit: bound = lambda * eps
-    if w.dim() == 0:
-        g = torch.tensor(0.5)
+    if w.dim() <= 1:
+        g = torch.randn(shape, generator=gen)  # one unit: clipped as a whole
+        if w.dim() == 1:
+            small = w.clone()
+            p = nn.Parameter(small)
+            p.grad = small * 1e-3  # inside the bound: untouched
+            adaptive_clip_grad_(p, 0.05)
+            assert torch.equal(p.grad, small * 1e-3)
     else:
         # units alternate tiny (kept) and large (clipped) gradients
         n = w.shape[unit_dim] if w.dim() > 1 else w.numel()
@@ -58,9 +62,51 @@ def test_unitwise_clipping_matches_row_by_row_reference(shape, unit_dim):
     ref = reference_agc(w, g, 0.05, unit_dim=unit_dim)
     torch.testing.assert_close(p.grad.double(), ref, rtol=1e-5, atol=1e-12)
     # Some units were clipped and some were not (both branches exercised).
-    if w.dim() >= 1 and w.numel() > 1:
+    if w.squeeze().dim() > 1:
         assert not torch.equal(p.grad, g) and torch.isclose(p.grad, g).any()
+    elif w.dim() >= 1:  # a vector (or (C, 1, 1, 1) gain) scaled by one factor, to the bound
+        scale = (p.grad / g).reshape(-1)
+        torch.testing.assert_close(scale, scale[:1].expand_as(scale))
+        torch.testing.assert_close(p.grad.norm(), 0.05 * w.norm())
     torch.testing.assert_close(p.detach(), w)  # the weight itself is untouched
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear", "bias", "gain", "scalar"])
+@pytest.mark.parametrize("scale", [1e3, 1e-7])
+def test_matches_timm_adaptive_clip_grad(kind, scale):
+    """timm's ``adaptive_clip_grad`` (an independent implementation of the NFNet reference
+    code's unitwise norm: output rows of conv / linear weights, the whole tensor for vectors and
+    scalars) clips every kind of parameter as d2_norms does."""
+    timm_agc = pytest.importorskip("timm.utils.agc")
+    from d2_norms.solver.agc import unitwise_norm
+
+    gen = torch.Generator().manual_seed({"conv": 0, "linear": 1, "bias": 2, "gain": 3,
+                                         "scalar": 4}[kind])
+    shape = {"conv": (16, 8, 3, 3), "linear": (10, 7), "bias": (16,), "gain": (16,),
+             "scalar": ()}[kind]
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "gain":
+        w = 1 + 0.1 * w  # near 1, as Scaled WS gains
+    if kind == "bias":
+        w = w * 1e-4  # near 0: the eps floor
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if w.dim() > 1:
+        g[::2] *= 1e-6  # alternate rows within their bound
+    ours, theirs = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    ours.grad, theirs.grad = g.clone(), g.clone()
+    adaptive_clip_grad_(ours, 0.02)
+    timm_agc.adaptive_clip_grad([theirs], clip_factor=0.02, eps=1e-3)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(unitwise_norm(w).squeeze(), timm_agc.unitwise_norm(w).squeeze())
+    if kind == "gain":
+        # the Scaled WS gain as d2_norms (and timm's ScaledStdConv2d) store it, (C, 1, 1, 1): one
+        # unit as in the NFNet reference code (a (C,) vector there), so = timm on the vector
+        # (timm's adaptive_clip_grad would clip a 4-D gain per channel)
+        gain = nn.Parameter(w.clone().reshape(-1, 1, 1, 1))
+        gain.grad = g.clone().reshape(-1, 1, 1, 1)
+        adaptive_clip_grad_(gain, 0.02)
+        torch.testing.assert_close(gain.grad.reshape(-1), theirs.grad, rtol=1e-12, atol=0)
+    assert (not torch.equal(ours.grad, g)) == (scale > 1)  # the large gradients were clipped
 
 
 def _cfg(*opts, config="mask_rcnn_R18_FPN_GN.yaml"):

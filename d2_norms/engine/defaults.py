@@ -142,6 +142,7 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
     anything is written to OUTPUT_DIR. All problems are collected and raised together
     (:class:`~d2_norms.engine.errors.InputProblemsError`, one message, exit code 2).
     Returns the config."""
+    from d2_norms.config_checks import image_group_problems
     from d2_norms.data import check_datasets
 
     from .errors import ConfigFileError, InputProblemsError, Problems, WeightsMismatchError
@@ -169,7 +170,10 @@ def preflight(args, world_size: int, run: "YacsRun" = None):
         test_only.DATASETS.TRAIN = ()
         with problems.check():
             check_datasets(test_only, deep=True)
+    before = len(problems.items)
     shapes = run.model_checks(args, cfg, problems)
+    if not args.eval_only and len(problems.items) == before:  # norm names known
+        problems.extend(image_group_problems(cfg, world_size))
     allow = getattr(args, "allow_partial_weights", False)
     allow_norms = getattr(args, "allow_norm_mismatch", False)
     override = ("(--allow-partial-weights " + ("evaluates" if args.eval_only else "resumes")

@@ -7,6 +7,8 @@
 * ``weight_std.py``: :class:`WSConv2d` (GN+WS), :class:`ScaledStdConv2d` (NF eq. 3),
   :func:`activation_gain`, :func:`fold_weight_standardization` / ``conv.fold()`` for inference;
 * ``sync_batch_norm.py``: :class:`SyncBatchNorm` (also on CPU / gloo);
+* ``ghost_batch_norm.py``: :class:`GhostBatchNorm2d` (``BN_IMG<k>``: BatchNorm statistics over
+  groups of k images, per-GPU BN emulated on one device);
 * ``norm_registry.py``: name -> :class:`NormSpec` (norm factory, paired activation, conv kind),
   :func:`register_norm` for third parties;
 * ``conv_norm_act.py``: the one composer (:func:`resolve_norm`, :func:`conv_norm_act`,
@@ -21,6 +23,7 @@ from .detectron2_names import detectron2_norm, detectron2_norm_names
 from .frn import (FRN, TLU, FilterResponseNorm2d, filter_response_norm,
                   frn_compile_cache_sizes, frn_compiled_available, frn_reference, get_frn_impl,
                   set_frn_impl)
+from .ghost_batch_norm import (GhostBatchNorm2d, ImageGroupError, images_per_group_of)
 from .group_norm import GroupNorm, GroupNormDivisibilityError, resolve_num_groups
 from .norm_registry import (NormSpec, UnknownNormError, describe_norms, get_norm, get_norm_spec,
                             norm_conv_kind, norm_uses_weight_standardization, register_norm,
@@ -40,7 +43,7 @@ __all__ = [
     "GroupNorm", "GroupNormDivisibilityError", "resolve_num_groups",
     "WSConv2d", "ScaledStdConv2d", "activation_gain", "standardize_weight",
     "fold_weight_standardization", "share_standardized_weights", "RELU_GAIN",
-    "SyncBatchNorm", "NormSpec", "UnknownNormError", "describe_norms", "get_norm",
+    "SyncBatchNorm", "GhostBatchNorm2d", "ImageGroupError", "images_per_group_of", "NormSpec", "UnknownNormError", "describe_norms", "get_norm",
     "get_norm_spec", "norm_conv_kind", "norm_uses_weight_standardization", "register_norm",
     "registered_norms", "unregister_norm",
     "NormAct", "ResolvedNorm", "resolve_norm", "conv_norm_act", "get_norm_act",

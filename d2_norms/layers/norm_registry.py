@@ -16,6 +16,8 @@ name              norm module (``get_norm(name, C)``)         activation   conv 
 
 plus ``GN_G<G>`` / ``GN_C<k>`` / ``GNWS_G<G>`` / ``GNWS_C<k>`` (G groups or k channels per group,
 GN Table 3), each with an optional ``_FALLBACK`` suffix (largest dividing G instead of an error),
+``BN_IMG<k>`` (BatchNorm with statistics over each group of k images of the per-device batch:
+per-GPU BN at k images per GPU, emulated on one device; :mod:`.ghost_batch_norm`),
 and detectron2's debugging names ``nnSyncBN``, ``naiveSyncBN``, ``naiveSyncBN_N``.
 
 This module only maps names to :class:`NormSpec` entries; it builds nothing into models and
@@ -28,6 +30,7 @@ Third-party normalizers: ``@register_norm(name, activation=..., conv=..., norm_a
 factory ``channels -> nn.Module``; every d2_norms component (backbones, FPN, heads) then builds
 it with the conv and activation it declares.
 """
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -37,6 +40,7 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from .frn import TLU, FilterResponseNorm2d
+from .ghost_batch_norm import GhostBatchNorm2d, images_per_group_of
 from .group_norm import GroupNorm
 from .sync_batch_norm import SyncBatchNorm
 
@@ -156,6 +160,8 @@ def describe_norms() -> str:
     lines = [f"{name:16s} act={_act_str(s):6s} conv={s.conv:9s} {s.description}"
              for name, s in _REGISTRY.items()]
     lines.append("GN_G<G>, GN_C<k>, GNWS_G<G>, GNWS_C<k> (+ _FALLBACK): parametric GroupNorm")
+    lines.append("BN_IMG<k>: BatchNorm with statistics over each group of k images (per-GPU BN "
+                 "at k images per GPU)")
     return "\n".join(lines)
 
 
@@ -188,12 +194,26 @@ def _family_spec(name: str) -> Optional[NormSpec]:
                     f"GroupNorm({what}, fallback={fallback})")
 
 
+def _image_group_spec(name: str) -> Optional[NormSpec]:
+    k = images_per_group_of(name)
+    if k is None:
+        return None
+    # a class-like factory: CycleBatchNormList calls it as bn_class(num_features=C, affine=False)
+    factory = functools.partial(GhostBatchNorm2d, images_per_group=k)
+    return NormSpec(name, factory, "relu", None, "plain",
+                    f"BatchNorm2d, statistics over each group of {k} images (per-GPU BN at {k} "
+                    "images per GPU)")
+
+
 def get_norm_spec(name: str) -> NormSpec:
-    """The :class:`NormSpec` of a registered (or parametric GN) name; raises UnknownNormError."""
+    """The :class:`NormSpec` of a registered (or parametric GN / BN_IMG) name; raises
+    UnknownNormError."""
     _check_name(name)
     spec = _REGISTRY.get(name)
     if spec is None:
         spec = _family_spec(name)
+    if spec is None:
+        spec = _image_group_spec(name)
     if spec is None:
         raise UnknownNormError(_unknown_message(name))
     return spec
@@ -207,7 +227,7 @@ def _unknown_message(name):
         hint = f" Did you mean {lowered[name.lower()]!r}? (names are case-sensitive)"
     return (f"Unknown norm {name!r}.{hint} Registered norms: {names}; parametric: GN_G<groups>, "
             "GN_C<channels per group>, GNWS_G<groups>, GNWS_C<channels per group> (optionally "
-            "with a _FALLBACK suffix). Register your own with "
+            "with a _FALLBACK suffix), BN_IMG<images per group>. Register your own with "
             "@d2_norms.layers.register_norm(name).")
 
 

@@ -26,8 +26,9 @@ the head, the config key and what to use instead).
 
 The RPN head takes a norm from ``MODEL.RPN.NORM`` (added by ``d2_norms.add_d2_norms_config``; default ``""``,
 detectron2's plain conv + ReLU). RetinaNet's head shares its norm across pyramid levels, except
-BN / SyncBN, which keep detectron2's per-level statistics with a shared affine
+BN / SyncBN (and BN_IMG<k>), which keep detectron2's per-level statistics with a shared affine
 (``CycleBatchNormList``, as detectron2's ``RetinaNetHead``); the RPN head follows the same rule.
+The RoI box / mask heads refuse BN_IMG<k>: their batch holds RoIs, not images.
 ``MODEL.RETINANET.NORM_PER_LEVEL: True`` gives every RetinaNet subnet layer one whole norm per
 pyramid level instead (own statistics and affine; convs shared), as Google's TPU RetinaNet, the
 FRN paper's setting: :class:`PerLevelNorm`.
@@ -50,7 +51,7 @@ from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead, MaskRCNNConvUpsampleHead
 
-from d2_norms.layers import GroupNormDivisibilityError, UnknownNormError
+from d2_norms.layers import GroupNormDivisibilityError, UnknownNormError, images_per_group_of
 from d2_norms.layers.conv_norm_act import ResolvedNorm, resolve_norm
 from d2_norms.layers.weight_std import ScaledStdConv2d, WSConv2d, share_standardized_weights
 
@@ -65,8 +66,24 @@ __all__ = [
     "PerLevelSubnet",
 ]
 
-# Norms with batch statistics that detectron2's RetinaNetHead keeps per pyramid level.
+# Norms with batch statistics that detectron2's RetinaNetHead keeps per pyramid level (and
+# BN_IMG<k>, BatchNorm over groups of k images: see _per_level_statistics).
 PER_LEVEL_STATISTICS = ("BN", "SyncBN")
+
+
+def _per_level_statistics(resolved: ResolvedNorm) -> bool:
+    return resolved.name in PER_LEVEL_STATISTICS or images_per_group_of(resolved.name) is not None
+
+
+def _refuse_image_groups(component: str, key: str, norm) -> None:
+    """The RoI heads' batch is RoIs, not images: BN_IMG<k> (groups of k images) cannot apply."""
+    k = images_per_group_of(norm)
+    if k is not None:
+        raise HeadNormError(
+            f"{component}: {key}={norm!r} normalizes over groups of {k} images, but this head's "
+            "batch holds RoIs (a varying number per image), not images. Use BN (statistics over "
+            f"all RoIs of the per-device batch), GN or another norm for {key}; BN_IMG<k> "
+            "applies to the backbone, FPN, RPN and RetinaNet heads.")
 
 
 class HeadNormError(ValueError):
@@ -97,7 +114,7 @@ def _building(component: str, key: str, norm, width_key: str):
 def _hidden_conv(resolved: ResolvedNorm, in_channels: int, out_channels: int, *,
                  num_levels: int, input_activation):
     """A 3x3 conv + norm + activation of a head (detectron2 ``Conv2d`` layout)."""
-    if resolved.name in PER_LEVEL_STATISTICS and num_levels > 1:
+    if _per_level_statistics(resolved) and num_levels > 1:
         norm = CycleBatchNormList(length=num_levels, bn_class=resolved.spec.factory,
                                   num_features=out_channels)
         return resolved.conv(in_channels, out_channels, 3, padding=1, norm=norm,
@@ -192,6 +209,7 @@ class D2NormsConvFCHead(FastRCNNConvFCHead):
         if len(conv_dims) + len(fc_dims) == 0:
             raise ValueError(f"{component}: MODEL.ROI_BOX_HEAD.NUM_CONV and NUM_FC are both 0; "
                              "set at least one (4conv1fc: NUM_CONV 4, NUM_FC 1).")
+        _refuse_image_groups(component, key, conv_norm)
         resolved = _resolve(component, key, conv_norm)
         if resolved.has_norm and not conv_dims:
             raise HeadNormError(
@@ -239,6 +257,7 @@ class D2NormsMaskHead(MaskRCNNConvUpsampleHead):
         component, key = type(self).__name__, "MODEL.ROI_MASK_HEAD.NORM"
         if len(conv_dims) < 1:
             raise ValueError(f"{component}: conv_dims must hold at least the deconv width")
+        _refuse_image_groups(component, key, conv_norm)
         resolved = _resolve(component, key, conv_norm)
         if resolved.has_norm and len(conv_dims) == 1:
             raise HeadNormError(
@@ -477,7 +496,7 @@ class D2NormsRetinaNetHead(RetinaNetHead):
         with per-level BN / SyncBN statistics (``CycleBatchNormList``, detectron2's)."""
         if self._norm_per_level:
             return self._per_level(lambda: resolved.norm(channels))
-        if resolved.name in PER_LEVEL_STATISTICS:
+        if _per_level_statistics(resolved):
             return CycleBatchNormList(length=self._num_features, bn_class=resolved.spec.factory,
                                       num_features=channels)
         return resolved.norm(channels)

@@ -5,11 +5,17 @@ Unit-wise: for row i of a parameter W (its output unit) with gradient G,
 
     G_i <- G_i * lambda * max(||W_i||, eps) / ||G_i||   if ||G_i|| > lambda * max(||W_i||, eps)
 
-with Frobenius norms over every dimension but the unit dimension (elementwise for vectors and
-scalars), eps = 1e-3. The unit dimension is 0 (conv/linear weights are (out, in, ...)), except for
-transposed convolutions, whose weights are (in, out, ...): there it is 1, so that a "row" is an
-output unit everywhere, as in the paper and its reference code (HWIO layout, norms over all axes
-but the last).
+with Frobenius norms over every dimension but the unit dimension, eps = 1e-3. The unit dimension
+is 0 (conv/linear weights are (out, in, ...)), except for transposed convolutions, whose weights
+are (in, out, ...): there it is 1, so that a "row" is an output unit everywhere, as in the paper
+and its reference code (HWIO layout, norms over all axes but the last). A vector or scalar
+parameter (bias, gain, learned eps) is one unit: its norm is that of the whole tensor, as in the
+reference code's ``unitwise_norm`` (``len(jnp.squeeze(x).shape) <= 1``: scalars and vectors, the
+norm over all of it). As there, "vector" means at most one dimension larger than 1, so the
+Scaled WS gain, stored ``(out, 1, 1, 1)`` to broadcast over the weight (a ``(out,)`` vector in
+the reference code), is one unit too; timm's ``adaptive_clip_grad`` (``ndim <= 1``) agrees on
+1-D tensors and clips a ``(out, 1, 1, 1)`` gain per channel. (Before issue 23 d2_norms clipped
+vectors and gains element by element.)
 
 The final classifier/regressor layers are not clipped (paper sec. 4.1: "we do not clip the final
 linear layer"). In a detector these are the layers that map features to predictions:
@@ -99,10 +105,11 @@ def unit_dims(model: nn.Module) -> Dict[str, int]:
 
 
 def unitwise_norm(x: torch.Tensor, unit_dim: int = 0) -> torch.Tensor:
-    """L2 norm of each unit (row along ``unit_dim``), broadcastable to ``x``; ``|x|`` for
-    vectors and scalars."""
-    if x.dim() <= 1:
-        return x.abs()
+    """L2 norm of each unit (row along ``unit_dim``), broadcastable to ``x``; for vectors and
+    scalars (at most one dimension larger than 1, e.g. a ``(C,)`` bias or a ``(C, 1, 1, 1)``
+    gain) the norm of the whole tensor (one unit), a 0-d tensor."""
+    if sum(size > 1 for size in x.shape) <= 1:
+        return torch.linalg.vector_norm(x, ord=2)
     dims = tuple(d for d in range(x.dim()) if d != unit_dim)
     return torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
 
