@@ -302,3 +302,42 @@ def weights_norm_problem(cfg, checkpoint, path: str, override: str = "") -> Opti
             "layers that compute something else (e.g. GN gamma/beta into GN+WS, a GN backbone "
             "into the NF-ResNet). Use the config the weights were made with, or weights made "
             "for this normalizer" + (f"; {override}" if override else "") + ".")
+
+
+#: set on a config by ``load_config`` once ``MODEL.D2NORMS.NORM`` has been applied
+NORM_FIELD_APPLIED = "_d2n_norm_field_applied"
+
+
+def mark_norm_field_applied(cfg) -> None:
+    cfg.__dict__[NORM_FIELD_APPLIED] = True  # not a config key: kept by clone(), not dumped
+
+
+def check_norm_field_applied(cfg) -> None:
+    """A config whose ``MODEL.D2NORMS.NORM`` was merged without being applied (e.g.
+    ``cfg.merge_from_file`` instead of ``load_config``) would build other norms than it names:
+    refused, unless its per-part keys already say what the field says (a run's config.yaml)."""
+    d2n = cfg.MODEL.get("D2NORMS") or {}
+    norm = d2n.get("NORM", "") if hasattr(d2n, "get") else ""
+    if not norm or cfg.__dict__.get(NORM_FIELD_APPLIED):
+        return
+    from . import recipes
+    from .config import NORM_KEYS, meta_architecture_family
+
+    detector = {"RetinaNet": "retinanet", "GeneralizedRCNN": "mask_rcnn"}.get(
+        meta_architecture_family(cfg.MODEL.META_ARCHITECTURE))
+    if detector is None:
+        return
+    try:
+        fields = recipes.normalizer_fields(detector, norm)
+    except Exception:
+        fields = {}
+    differ = [k for k, v in fields.items() if k in NORM_KEYS and get_dotted(cfg, k, v) != v]
+    if differ or not fields:
+        from .engine.errors import ConfigKeyError
+
+        raise ConfigKeyError(
+            f"MODEL.D2NORMS.NORM={norm!r} was merged into this config but not applied "
+            f"({', '.join(f'{k}={get_dotted(cfg, k, None)!r}' for k in differ) or 'unknown name'}"
+            "): the model would be built with other norms than it names. Load configs with "
+            "d2_norms.engine.preflight.load_config(path, opts) (tools/train_net.py does), which "
+            "applies the field.")

@@ -228,6 +228,11 @@ def normalizer_fields(detector: str, normalizer: str) -> Dict[str, object]:
         fields = {k: normalizer for k in parts}
         if detector != "retinanet" and scaled_ws:
             fields["MODEL.RPN.NORM"] = normalizer
+        from d2_norms.layers.ghost_batch_norm import images_per_group_of
+
+        if detector != "retinanet" and images_per_group_of(normalizer) is not None:
+            # the RoI heads' batch holds RoIs, not images: BN over all RoIs of the device batch
+            fields["MODEL.ROI_BOX_HEAD.NORM"] = fields["MODEL.ROI_MASK_HEAD.NORM"] = "BN"
     if detector == "retinanet":
         fields["MODEL.RETINANET.NORM_PER_LEVEL"] = RETINANET_NORM_PER_LEVEL and has_module
     else:

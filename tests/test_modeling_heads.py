@@ -31,12 +31,10 @@ from torch import nn
 
 import d2_norms  # noqa: F401  (shims)
 import d2_norms.layers as L
-from d2_norms.config import add_d2_norms_config
 from d2_norms.layers.conv_norm_act import resolve_norm
 from d2_norms.modeling.heads import (D2NormsConvFCHead, D2NormsMaskHead, D2NormsRetinaNet,
                                      D2NormsRetinaNetHead, D2NormsRPNHead, HeadNormError)
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import CycleBatchNormList, ShapeSpec
 from detectron2.modeling import (META_ARCH_REGISTRY, ROI_BOX_HEAD_REGISTRY,
                                  ROI_MASK_HEAD_REGISTRY, RPN_HEAD_REGISTRY, build_model)
@@ -84,9 +82,9 @@ HEAD_NORM_KEY = {"retinanet": "RETINANET", "rpn": "RPN", "box": "ROI_BOX_HEAD",
 def shipped_cfg(rel_path, norm=None, *, small_backbone=False):
     """A shipped config (``configs/<rel_path>``) made CPU-test sized; ``norm``: every norm key;
     ``small_backbone``: R18 with FPN width 64."""
-    cfg = get_cfg()
-    add_d2_norms_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", rel_path))
+    from d2_norms.engine.preflight import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", rel_path), [])  # applies MODEL.D2NORMS.NORM
     if norm is not None:
         for node in ("RESNETS", "FPN", "RPN", "RETINANET", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
             getattr(cfg.MODEL, node).NORM = norm

@@ -6,23 +6,21 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from d2_norms.config import add_d2_norms_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_INDEPENDENT = ("GN", "GNWS", "FRN", "NF")
 
 
 def model_for(detector, norm, size):
-    cfg = get_cfg()
-    add_d2_norms_config(cfg)
+    from d2_norms.engine.preflight import load_config
+
     name = "retinanet" if detector == "retinanet" else "mask_rcnn"
-    cfg.merge_from_file(os.path.join(REPO, "configs", "COCO-scratch",
-                                     f"{name}_R_50_FPN_{norm}_2img.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "COCO-scratch",
+                                   f"{name}_R_50_FPN_{norm}_2img.yaml"), [])
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS",
         "64", "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.RETINANET.NUM_CLASSES", "3",

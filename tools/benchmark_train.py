@@ -45,13 +45,11 @@ import time
 import torch
 
 import d2_norms  # noqa: F401  (shims + registrations)
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from d2_norms.config import add_d2_norms_config
 from d2_norms.layers import fold_weight_standardization, get_frn_impl
 from d2_norms.profiling import SavedTensorMeter
 from d2_norms.solver import build_optimizer
@@ -113,11 +111,12 @@ def parse_args(argv=None):
 
 
 def make_cfg(detector, norm, args, device):
-    cfg = get_cfg()
-    add_d2_norms_config(cfg)
+    from d2_norms.engine.preflight import load_config
+
     depth = 50 if args.depth in (18, 34, 50) else args.depth
-    cfg.merge_from_file(os.path.join(REPO, "configs", "COCO-scratch",
-                                     f"{detector}_R_{depth}_FPN_{norm}_2img.yaml"))
+    # load_config applies the cell's MODEL.D2NORMS.NORM (the one field) to every part
+    cfg = load_config(os.path.join(REPO, "configs", "COCO-scratch",
+                                   f"{detector}_R_{depth}_FPN_{norm}_2img.yaml"), [])
     cfg.MODEL.DEVICE = device.type
     cfg.MODEL.RESNETS.DEPTH = args.depth
     if args.depth in (18, 34):

@@ -16,7 +16,6 @@ import sys
 import torch
 
 import d2_norms  # noqa: F401  (shims)
-from d2_norms.config import add_d2_norms_config
 from d2_norms.modeling.spp import plot_spp, spp_from_config, write_spp_csv
 
 
@@ -57,12 +56,9 @@ def parse_args(argv=None):
 
 
 def load_cfg(path, opts):
-    from detectron2.config import get_cfg
+    from d2_norms.engine.preflight import load_config
 
-    cfg = get_cfg()
-    add_d2_norms_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(path, list(opts))  # applies MODEL.D2NORMS.NORM where a config has it
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg

@@ -118,6 +118,9 @@ def load_config(config_file: str, opts: List[str]):
                                  ) from None
     if cfg.MODEL.D2NORMS.NORM:
         apply_norm_field(cfg, config_file, opts)
+    from d2_norms.config_checks import mark_norm_field_applied
+
+    mark_norm_field_applied(cfg)
     return cfg
 
 

@@ -37,6 +37,9 @@ def _check_cfg_has_d2norms(cfg) -> None:
 def build_d2n_resnet_backbone(cfg, input_shape: ShapeSpec):
     """Norm-aware ResNet, or NF-ResNet when ``MODEL.RESNETS.NORM == "NF"``."""
     _check_cfg_has_d2norms(cfg)
+    from d2_norms.config_checks import check_norm_field_applied
+
+    check_norm_field_applied(cfg)
     if cfg.MODEL.RESNETS.NORM == NF_NORM:
         return build_nf_resnet(cfg, input_shape)
     return build_norm_resnet(cfg, input_shape)

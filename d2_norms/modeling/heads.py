@@ -514,6 +514,9 @@ class D2NormsRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
+        from d2_norms.config_checks import check_norm_field_applied
+
+        check_norm_field_applied(cfg)
         stock = cfg.clone()
         stock.defrost()
         stock.MODEL.RETINANET.NORM = ""
