@@ -298,3 +298,28 @@ def test_every_matrix_cell_is_one_recipe_override_of_the_lazy_configs():
         assert v["agc_clipping"] == (clip["CLIP_VALUE"] if clip.get("CLIP_TYPE") == "agc"
                                      else None), name
         assert v["precise_bn"] == data["TEST"].get("PRECISE_BN", {}).get("ENABLED", False), name
+
+
+def test_a_cell_merged_without_load_config_is_refused_not_built_differently():
+    """cfg.merge_from_file leaves MODEL.D2NORMS.NORM unapplied (the per-part keys keep
+    detectron2's defaults): the builders refuse it instead of building FrozenBN / no-norm
+    parts; load_config's config (and its clones) build."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from d2_norms.config import add_d2_norms_config
+    from d2_norms.engine.errors import ConfigKeyError
+    from d2_norms.engine.preflight import load_config
+
+    path = os.path.join(MATRIX_DIR, "retinanet_R_50_FPN_GN_2img.yaml")
+    merged = add_d2_norms_config(get_cfg())
+    merged.merge_from_file(path)
+    merged.MODEL.DEVICE = "meta"
+    with pytest.raises(ConfigKeyError, match=r"MODEL.D2NORMS.NORM='GN'.*not applied.*load_config"):
+        with torch.device("meta"):
+            build_model(merged)
+    applied = load_config(path, ["MODEL.DEVICE", "meta"]).clone()
+    applied.freeze()
+    with torch.device("meta"):
+        model = build_model(applied)
+    assert any(type(m).__name__ == "GroupNorm" for m in model.backbone.bottom_up.stem.modules())
