@@ -30,6 +30,17 @@ retried; so is a BN run that cannot normalize a single value per channel ("no ba
 statistics": one image and a 1x1 feature map). Then tools/ap_table.py writes the tables
 (output/synthetic-study/ap_table.md) and tools/plot_ap.py the plots docs/study_synthetic.png
 (box AP against images per batch) and docs/study_synthetic_mask.png (Mask R-CNN's mask AP).
+
+    python tools/reproduce.py batch-study --jobs 2 --threads 1           # ~2.3 h on 2 cores
+    python tools/reproduce.py batch-study --jobs 2 --threads 1 --quick   # smaller, ~1.1 h
+
+batch-study (issue 23, docs/study_batch.md) holds everything but BN's statistics fixed: RetinaNet
+R18-FPN at 160 px on synthetic_varied (per-image statistics that vary), one total batch of 8 on
+one process, one lr / warm-up / cosine schedule for all; BN with statistics over 8, 4, 2, 1
+images (BN_IMG<k>, PreciseBN before each evaluation) and GN, GNWS, FRN (eps by
+recipes.frn_variant) and NF as controls, seeds 1 and 2 (16 runs), 6 evaluations per run. Same
+resumability and result states as synthetic-study; at the end tools/ap_table.py and
+tools/study_curves.py (FRN-Table-6-layout table, AP-vs-iteration curves docs/study_batch.png).
 """
 import argparse
 import glob
@@ -253,6 +264,10 @@ def study_norm_settings(detector: str, norm: str) -> Dict[str, object]:
         raise AssertionError(f"norm keys {sorted(fields)} != {STUDY_NORM_KEYS[detector]}")
     fields.update({k: v for k, v in extra_fields(detector, norm).items()
                    if not k.startswith("INPUT.")})
+    if detector == "retinanet":
+        # As the study ran (issue 14), before the recipe gave RetinaNet BN cells PreciseBN
+        # (issue 23): re-running the command reproduces the published runs.
+        fields.pop("TEST.PRECISE_BN.ENABLED", None)
     return fields
 
 
@@ -551,10 +566,13 @@ BATCH_SEEDS = (1, 2)
 # at it there, none diverged); FRN sec. 4.1 cosine warm-up, cosine decay to 0.
 BATCH_LR = 0.04
 BATCH_WARMUP_ITERS = 100
-# Sized by the pilot (docs/study_batch.md "Sizing"): 16 runs in ~2.5 h at --jobs 2 --threads 1.
-BATCH_ITERATIONS = 1200
-BATCH_QUICK_ITERATIONS = 480  # --quick: ~1 h, a smaller study (curves shorter, not plateaued)
+# Sized by the pilot (docs/study_batch.md "Sizing"): 16 runs in ~2.3 h at --jobs 2 --threads 1
+# on 2 quiet cores (~1.1 CPU s per iteration, ~35 s per evaluation of the 500 images).
+BATCH_ITERATIONS = 600  # 4800 images = 2.4 passes over the 2000 training images
 BATCH_EVALS = 6  # evaluations per run (TEST.EVAL_PERIOD = iterations / 6): the curves
+# --quick: ~1.1 h, a smaller study: 240 iterations, 4 evaluations (its curves stop earlier).
+BATCH_QUICK_ITERATIONS = 240
+BATCH_QUICK_EVALS = 4
 BATCH_PRECISE_BN_ITERS = 25  # PreciseBN before each evaluation: 200 training images
 BATCH_TRAIN_SET = "synthetic_varied_train"
 BATCH_TEST_SET = "synthetic_varied_val"
@@ -662,11 +680,14 @@ def batch_study_main(argv: Sequence[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help=f"default {BATCH_SEEDS}")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--iterations", type=int, default=None,
-                      help=f"iterations per run (default {BATCH_ITERATIONS}: ~2.5 h at --jobs 2 "
-                      "--threads 1); a multiple of the evaluations per run")
+                      help=f"iterations per run (default {BATCH_ITERATIONS}: ~2.3 h at --jobs 2 "
+                      f"--threads 1 on 2 quiet cores); a multiple of the {BATCH_EVALS} "
+                      "evaluations per run. Changing it changes the cosine schedule: use a new "
+                      "--output-root, runs of another length are not resumed into it")
     size.add_argument("--quick", action="store_true",
-                      help=f"{BATCH_QUICK_ITERATIONS} iterations per run (~1 h): a smaller "
-                      "study, its curves end before the controls plateau")
+                      help=f"{BATCH_QUICK_ITERATIONS} iterations, {BATCH_QUICK_EVALS} "
+                      "evaluations per run (~1.1 h): a smaller study, shorter curves; runs go to "
+                      f"{os.path.relpath(BATCH_ROOT, REPO)}-quick")
     parser.add_argument("--image-size", type=int, default=BATCH_IMAGE_SIZE)
     parser.add_argument("--device", default="cpu", help="MODEL.DEVICE (default cpu)")
     parser.add_argument("--train-set", default=BATCH_TRAIN_SET)
@@ -684,6 +705,7 @@ def batch_study_main(argv: Sequence[str]) -> int:
     parser.add_argument("opts", nargs="*", help="further overrides for every run: KEY VALUE ...")
     args = parser.parse_intermixed_args(argv)
     iterations = args.iterations or (BATCH_QUICK_ITERATIONS if args.quick else BATCH_ITERATIONS)
+    evals = BATCH_QUICK_EVALS if args.quick else BATCH_EVALS
     default_root = BATCH_ROOT + ("-quick" if args.quick else "")
     root = os.path.abspath(args.output_root or default_root)
     plot = args.plot or (BATCH_PLOT if root == os.path.abspath(BATCH_ROOT)
@@ -691,7 +713,7 @@ def batch_study_main(argv: Sequence[str]) -> int:
     try:
         cells = batch_cells(args.groups, args.controls, args.seeds, args.image_size)
         overrides = {c.name: batch_overrides(
-            c, iterations, os.path.join(root, c.name), image_size=args.image_size,
+            c, iterations, os.path.join(root, c.name), image_size=args.image_size, evals=evals,
             device=args.device, train_set=args.train_set, test_set=args.test_set) for c in cells}
         if args.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
@@ -699,7 +721,7 @@ def batch_study_main(argv: Sequence[str]) -> int:
         parser.error(str(e))
     print(f"{BATCH_STUDY}: {len(cells)} runs of RetinaNet R18-FPN, {BATCH_IMS} images per "
           f"batch (one process), {iterations} iterations, lr {BATCH_LR:g} (cosine, warm-up "
-          f"{BATCH_WARMUP_ITERS} it), {args.image_size} px, {BATCH_EVALS} evaluations on "
+          f"{BATCH_WARMUP_ITERS} it), {args.image_size} px, {evals} evaluations on "
           f"{args.test_set}, {args.device}"
           + (f" ({args.threads} thread(s))" if args.threads > 0 else "") + f"; runs in {root}",
           flush=True)
