@@ -127,12 +127,16 @@ def test_finished_runs_are_skipped_and_interrupted_resumed(tmp_path):
 
 def _fake_run(directory, norm, seed, curve, state="finished"):
     os.makedirs(directory)
-    (directory / "config.yaml").write_text(
-        f"MODEL:\n  RESNETS:\n    NORM: {norm}\nSEED: {seed}\n")
     (directory / "run_status.json").write_text(json.dumps({"state": state}))
-    (directory / "metrics.json").write_text("".join(
-        json.dumps({"iteration": it - 1, "bbox/AP": ap}) + "\n" for it, ap in curve.items()))
     last = max(curve)
+    (directory / "config.yaml").write_text(
+        f"MODEL:\n  RESNETS:\n    NORM: {norm}\nSEED: {seed}\nSOLVER:\n  MAX_ITER: {last}\n")
+    # as detectron2 logs them: periodic evaluations at the index of the iteration they follow,
+    # the final one at MAX_ITER; a NaN AP (no detection) is left out of the curve
+    (directory / "metrics.json").write_text(
+        json.dumps({"iteration": 10, "bbox/AP": float("nan")}) + "\n" + "".join(
+            json.dumps({"iteration": it if it == last else it - 1, "bbox/AP": ap}) + "\n"
+            for it, ap in curve.items()))
     if state == "finished":
         (directory / "results.json").write_text(json.dumps({"evaluations": {"val": {
             "iteration": last, "metrics": {"bbox": {"AP": curve[last], "AP50": 2 * curve[last],

@@ -36,6 +36,7 @@ def read_run(run_dir: str) -> Dict:
         with open(path) as f:
             status = json.load(f)
     curve: Dict[int, float] = {}
+    max_iter = (cfg.get("SOLVER") or {}).get("MAX_ITER")
     path = os.path.join(run_dir, "metrics.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -48,7 +49,12 @@ def read_run(run_dir: str) -> Dict:
                 except ValueError:
                     continue  # a line cut by a kill
                 if "bbox/AP" in entry and "iteration" in entry:
-                    curve[int(entry["iteration"]) + 1] = float(entry["bbox/AP"])
+                    # a periodic evaluation is logged at the index of the iteration it follows,
+                    # the one after training at MAX_ITER; NaN (no detection at all) is skipped
+                    it = int(entry["iteration"])
+                    ap = float(entry["bbox/AP"])
+                    if math.isfinite(ap):
+                        curve[it if max_iter and it >= max_iter else it + 1] = ap
     final: Dict[str, float] = {}
     path = os.path.join(run_dir, "results.json")
     if os.path.exists(path):
