@@ -62,8 +62,24 @@ GN_REFERENCE_WARMUP = 1000
 # GN Table 7's Detectron config: single-scale training, shorter side 800, longer side <= 1333.
 GN_MIN_SIZE_TRAIN = (800,)
 GN_MAX_SIZE_TRAIN = 1333
-# detectron2 enables PreciseBN in its SyncBN Mask R-CNN configs (Misc/*syncbn*.yaml).
-PRECISE_BN_CELLS = {("mask_rcnn", "BN"), ("mask_rcnn", "SyncBN")}
+# detectron2 enables PreciseBN in its SyncBN Mask R-CNN configs (Misc/*syncbn*.yaml). RetinaNet
+# BN cells too (issue 23): FRN Table 6's TPU RetinaNet keeps BN moving averages with decay 0.997
+# (eps 1e-4), an average over ~1 / (1 - 0.997) = 333 iterations, where torch's momentum 0.1
+# averages over ~10 iterations of a model still changing. Rather than a momentum knob, PreciseBN
+# re-estimates the population statistics of the final weights before every evaluation (on
+# TEST.PRECISE_BN.NUM_ITER batches), which an average over the last ~330 iterations
+# approximates (docs/recipes.md). BN_IMG<k> is BN: the same rule (normalizer_fields).
+PRECISE_BN_CELLS = {("mask_rcnn", "BN"), ("mask_rcnn", "SyncBN"),
+                    ("retinanet", "BN"), ("retinanet", "SyncBN")}
+# FRN paper sec. 3.3: with a fixed eps, FRN on a 1x1 map outputs ~0 (nu2 = x^2, x / sqrt(x^2 +
+# eps)) and learned eps ("FRN_LEPS") is what makes it train; Table 6's sizes never meet that.
+# frn_variant(): learned eps where an FRN layer can normalize a map of side <= this.
+FRN_LEPS_MAX_MAP_SIDE = 2
+# Strides: the backbone's res5 / FPN's P5 is 32; RetinaNet's head also normalizes P6 and P7 (3x3
+# stride-2 convs: ceil(side / 2) each); Mask R-CNN's box head normalizes 7x7 RoI features (mask
+# head 14x14) and its RPN head is unnormalized (NF aside, which has no FRN).
+FEATURE_SIZE_DIVISIBILITY = 32
+ROI_BOX_SIDE = 7
 # NF recipe: AGC lambda (Brock et al. 2021 sec. 4.1) measured on the synthetic set at batch 4
 # (docs/recipes.md): the only lambda of {0.01, 0.04, 0.1} stable at 16x the cell's per-image lr.
 # Measured with vectors clipped element-wise; kept after issue 23 made a vector one unit (the
@@ -237,12 +253,50 @@ def normalizer_fields(detector: str, normalizer: str) -> Dict[str, object]:
         fields["MODEL.RETINANET.NORM_PER_LEVEL"] = RETINANET_NORM_PER_LEVEL and has_module
     else:
         fields.setdefault("MODEL.RPN.NORM", "")
-        fields["TEST.PRECISE_BN.ENABLED"] = (detector, normalizer) in PRECISE_BN_CELLS
+    fields["TEST.PRECISE_BN.ENABLED"] = uses_precise_bn(detector, normalizer)
     fields["SOLVER.CLIP_GRADIENTS.ENABLED"] = scaled_ws
     if scaled_ws:
         fields["SOLVER.CLIP_GRADIENTS.CLIP_TYPE"] = "agc"
         fields["SOLVER.CLIP_GRADIENTS.CLIP_VALUE"] = NF_AGC_CLIPPING
     return fields
+
+
+def uses_precise_bn(detector: str, normalizer: str) -> bool:
+    """PreciseBN before every evaluation: the BN / SyncBN cells (:data:`PRECISE_BN_CELLS`), and
+    ``BN_IMG<k>`` wherever BN would."""
+    from d2_norms.layers.ghost_batch_norm import images_per_group_of
+
+    if images_per_group_of(normalizer) is not None:
+        normalizer = "BN"
+    return (detector, normalizer) in PRECISE_BN_CELLS
+
+
+def smallest_map_side(detector: str, image_side: int) -> int:
+    """Side of the smallest feature map a norm layer sees for a square input of ``image_side``
+    px (padded to :data:`FEATURE_SIZE_DIVISIBILITY`): RetinaNet P7, Mask R-CNN min(res5 / P5,
+    the 7x7 RoI features). For a non-square image take its shorter side."""
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
+    if not isinstance(image_side, int) or image_side < 1:
+        raise ValueError(f"image side must be a positive int (px), got {image_side!r}")
+    q = FEATURE_SIZE_DIVISIBILITY
+    side = -(-image_side // q)  # res5 / P5 of the padded image
+    if detector == "retinanet":
+        for _ in ("P6", "P7"):
+            side = -(-side // 2)
+        return side
+    return min(side, ROI_BOX_SIDE)
+
+
+def frn_variant(smallest_side: int) -> str:
+    """The rule for FRN's eps (FRN sec. 3.3): ``"FRN_LEPS"`` (learned eps) when an FRN layer can
+    normalize a map of side <= :data:`FRN_LEPS_MAX_MAP_SIDE`, else ``"FRN"`` (fixed eps 1e-6).
+    ``smallest_side``: :func:`smallest_map_side` at the config's smallest input. COCO cells:
+    RetinaNet at 1024 px has P7 8x8 (6x6 for a 4:3 image), Mask R-CNN at 800 px min(25, 7) = 7:
+    FRN. The batch study's RetinaNet at 160 px has P7 2x2: FRN_LEPS."""
+    if not isinstance(smallest_side, int) or smallest_side < 1:
+        raise ValueError(f"map side must be a positive int, got {smallest_side!r}")
+    return "FRN_LEPS" if smallest_side <= FRN_LEPS_MAX_MAP_SIDE else "FRN"
 
 
 def config_name(detector: str, depth: int, normalizer: str, images_per_gpu: int,

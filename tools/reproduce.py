@@ -30,6 +30,17 @@ retried; so is a BN run that cannot normalize a single value per channel ("no ba
 statistics": one image and a 1x1 feature map). Then tools/ap_table.py writes the tables
 (output/synthetic-study/ap_table.md) and tools/plot_ap.py the plots docs/study_synthetic.png
 (box AP against images per batch) and docs/study_synthetic_mask.png (Mask R-CNN's mask AP).
+
+    python tools/reproduce.py batch-study --jobs 2 --threads 1           # ~2.3 h on 2 cores
+    python tools/reproduce.py batch-study --jobs 2 --threads 1 --quick   # smaller, ~1.1 h
+
+batch-study (issue 23, docs/study_batch.md) holds everything but BN's statistics fixed: RetinaNet
+R18-FPN at 160 px on synthetic_varied (per-image statistics that vary), one total batch of 8 on
+one process, one lr / warm-up / cosine schedule for all; BN with statistics over 8, 4, 2, 1
+images (BN_IMG<k>, PreciseBN before each evaluation) and GN, GNWS, FRN (eps by
+recipes.frn_variant) and NF as controls, seeds 1 and 2 (16 runs), 6 evaluations per run. Same
+resumability and result states as synthetic-study; at the end tools/ap_table.py and
+tools/study_curves.py (FRN-Table-6-layout table, AP-vs-iteration curves docs/study_batch.png).
 """
 import argparse
 import glob
@@ -47,6 +58,7 @@ sys.path.insert(0, REPO)
 from d2_norms.recipes import PAPER_TABLES, config_name  # noqa: E402
 
 SYNTHETIC_STUDY = "synthetic-study"
+BATCH_STUDY = "batch-study"
 
 
 def run_dir(name: str) -> str:
@@ -66,10 +78,13 @@ def main(argv=None) -> int:
     if SYNTHETIC_STUDY in argv:
         argv.remove(SYNTHETIC_STUDY)
         return study_main(argv)
+    if BATCH_STUDY in argv:
+        argv.remove(BATCH_STUDY)
+        return batch_study_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("table", choices=sorted(PAPER_TABLES) + [SYNTHETIC_STUDY],
-                        help=f"a paper table, or {SYNTHETIC_STUDY} (own options: "
-                        f"{SYNTHETIC_STUDY} --help)")
+    parser.add_argument("table", choices=sorted(PAPER_TABLES) + [SYNTHETIC_STUDY, BATCH_STUDY],
+                        help=f"a paper table, or {SYNTHETIC_STUDY} / {BATCH_STUDY} (own "
+                        f"options: {SYNTHETIC_STUDY} --help, {BATCH_STUDY} --help)")
     parser.add_argument("--num-gpus", type=int, default=8)
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("opts", nargs="*", help="config overrides for every run: KEY VALUE ...")
@@ -249,6 +264,10 @@ def study_norm_settings(detector: str, norm: str) -> Dict[str, object]:
         raise AssertionError(f"norm keys {sorted(fields)} != {STUDY_NORM_KEYS[detector]}")
     fields.update({k: v for k, v in extra_fields(detector, norm).items()
                    if not k.startswith("INPUT.")})
+    if detector == "retinanet":
+        # As the study ran (issue 14), before the recipe gave RetinaNet BN cells PreciseBN
+        # (issue 23): re-running the command reproduces the published runs.
+        fields.pop("TEST.PRECISE_BN.ENABLED", None)
     return fields
 
 
@@ -375,6 +394,47 @@ def _read_study_status(root: str) -> Dict[str, Dict]:
         return {}
 
 
+def run_queue(queue: List[Tuple], jobs: int, env: Optional[Dict[str, str]], prefix: str,
+              root: str, outcomes: Dict[str, Dict], describe, *,
+              keep_checkpoints: bool = False) -> Optional[int]:
+    """Train ``queue``'s (cell, run dir, command) ``jobs`` at a time; record each outcome
+    (``describe(cell)`` + exit code and outcome) in ``root``'s study_cells.json. Diverged / "no
+    batch statistics" runs are results; any other failure starts nothing more, lets the running
+    ones finish and returns its exit code (None: every run ended as a result)."""
+    running, failed = [], None
+    while queue or running:
+        while queue and failed is None and len(running) < jobs:
+            cell, out, cmd = queue.pop(0)
+            log = None
+            if jobs > 1:  # several trainings at once: each one's console output to a file
+                os.makedirs(out, exist_ok=True)
+                log = os.path.join(out, STUDY_CONSOLE_FILE)
+            print("[train]    " + prefix + shlex.join(cmd)
+                  + (f"  > {os.path.relpath(log, root)}" if log else ""), flush=True)
+            running.append((_start(cmd, env, log), cell, out))
+        if not running:
+            break
+        proc, cell, out = _wait_any(running)
+        code = proc.returncode
+        state = cell_state(out)
+        outcomes[cell.name] = dict(describe(cell), exit_code=code, outcome=state)
+        _write_study_status(root, outcomes)
+        if code == 0 and state == "finished":
+            print(f"[finished] {cell.name}", flush=True)
+            if not keep_checkpoints:
+                prune_checkpoints(out)
+        elif code == 1 and state in RESULT_STATES:
+            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]}; "
+                  "recorded, the study goes on", flush=True)
+        else:
+            print(f"error: {cell.name} failed (exit {code}, run state {state}); fix it and run "
+                  "this command again to resume"
+                  + (" (waiting for the runs in progress)" if running else ""), file=sys.stderr,
+                  flush=True)
+            failed = failed or code or 1
+    return failed
+
+
 def study_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"reproduce.py {SYNTHETIC_STUDY}",
@@ -454,40 +514,10 @@ def study_main(argv: Sequence[str]) -> int:
         else:
             queue.append((cell, out, cmd))
 
-    running, failed = [], None
-    while queue or running:
-        while queue and failed is None and len(running) < args.jobs:
-            cell, out, cmd = queue.pop(0)
-            log = None
-            if args.jobs > 1:  # several trainings at once: each one's console output to a file
-                os.makedirs(out, exist_ok=True)
-                log = os.path.join(out, STUDY_CONSOLE_FILE)
-            print("[train]    " + prefix + shlex.join(cmd)
-                  + (f"  > {os.path.relpath(log, root)}" if log else ""), flush=True)
-            running.append((_start(cmd, env, log), cell, out))
-        if not running:
-            break
-        proc, cell, out = _wait_any(running)
-        code = proc.returncode
-        state = cell_state(out)
-        outcomes[cell.name] = {"detector": cell.detector, "norm": cell.norm,
-                               "images_per_batch": cell.ims, "images": images,
-                               "threads": args.threads or "default", "jobs": args.jobs,
-                               "exit_code": code, "outcome": state}
-        _write_study_status(root, outcomes)
-        if code == 0 and state == "finished":
-            print(f"[finished] {cell.name}", flush=True)
-            if not args.keep_checkpoints:
-                prune_checkpoints(out)
-        elif code == 1 and state in RESULT_STATES:
-            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]}; "
-                  "recorded, the study goes on", flush=True)
-        else:
-            print(f"error: {cell.name} failed (exit {code}, run state {state}); fix it and run "
-                  "this command again to resume"
-                  + (" (waiting for the runs in progress)" if running else ""), file=sys.stderr,
-                  flush=True)
-            failed = failed or code or 1
+    failed = run_queue(queue, args.jobs, env, prefix, root, outcomes, lambda cell: {
+        "detector": cell.detector, "norm": cell.norm, "images_per_batch": cell.ims,
+        "images": images, "threads": args.threads or "default", "jobs": args.jobs},
+        keep_checkpoints=args.keep_checkpoints)
     if failed is not None:
         return failed
     tools = os.path.join(REPO, "tools")
@@ -514,6 +544,241 @@ def study_main(argv: Sequence[str]) -> int:
         if names:
             print(f"{result} ({len(names)}): {', '.join(names)}")
     print(f"plot: {plot}" + (f" (box AP), {mask_plot} (mask AP)" if mask_plot else ""))
+    return code
+
+# ============================================================================ batch-study
+# Issue 23's study that holds everything but BN's statistics fixed (docs/study_batch.md): one
+# total batch of 8 images on one process, one schedule, lr and warm-up for every cell; BN with
+# statistics over 8, 4, 2 and 1 images (BN_IMG<k>, d2_norms.layers.ghost_batch_norm: per-GPU BN
+# at k images per GPU, emulated), and the batch-independent normalizers once each as controls;
+# 2 seeds per cell; evaluated periodically on 500 validation images whose per-image statistics
+# vary (synthetic_varied, d2_norms.data).
+BATCH_ROOT = os.path.join(REPO, "output", BATCH_STUDY)
+BATCH_PLOT = os.path.join(REPO, "docs", "study_batch.png")
+BATCH_CONFIG = "configs/synthetic/retinanet_R18_FPN_GN.yaml"
+BATCH_DETECTOR = "retinanet"
+BATCH_IMS = 8  # total batch = per-device batch (one process)
+BATCH_GROUPS = (8, 4, 2, 1)  # images per BN statistics group
+BATCH_IMAGE_SIZE = 160  # P7 2x2: BN at one image still has 4 values per channel
+BATCH_CONTROLS = ("GN", "GNWS", "FRN", "NF")  # "FRN": d2_norms.recipes.frn_variant decides eps
+BATCH_SEEDS = (1, 2)
+# One lr for every cell: synthetic-study's 0.02 x batch / 4 at batch 8 (every normalizer trained
+# at it there, none diverged); FRN sec. 4.1 cosine warm-up, cosine decay to 0.
+BATCH_LR = 0.04
+BATCH_WARMUP_ITERS = 100
+# Sized by the pilot (docs/study_batch.md "Sizing"): 16 runs in ~2.3 h at --jobs 2 --threads 1
+# on 2 quiet cores (~1.1 CPU s per iteration, ~35 s per evaluation of the 500 images).
+BATCH_ITERATIONS = 600  # 4800 images = 2.4 passes over the 2000 training images
+BATCH_EVALS = 6  # evaluations per run (TEST.EVAL_PERIOD = iterations / 6): the curves
+# --quick: ~1.1 h, a smaller study: 240 iterations, 4 evaluations (its curves stop earlier).
+BATCH_QUICK_ITERATIONS = 240
+BATCH_QUICK_EVALS = 4
+BATCH_PRECISE_BN_ITERS = 25  # PreciseBN before each evaluation: 200 training images
+BATCH_TRAIN_SET = "synthetic_varied_train"
+BATCH_TEST_SET = "synthetic_varied_val"
+BATCH_CURVES_TOOL = os.path.join("tools", "study_curves.py")
+
+
+class BatchCell(NamedTuple):
+    norm: str  # a registered name: BN_IMG<k> or a control
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{BATCH_DETECTOR}_R18_FPN_{self.norm}_{BATCH_IMS}img_seed{self.seed}"
+
+    @property
+    def detector(self) -> str:  # for study_cells.json, as synthetic-study's cells
+        return BATCH_DETECTOR
+
+
+def batch_norms(groups: Optional[Sequence[int]] = None, controls: Optional[Sequence[str]] = None,
+                image_size: int = BATCH_IMAGE_SIZE) -> List[str]:
+    """BN_IMG<k> for each group size, then the controls (FRN as the FRN eps rule picks it)."""
+    from d2_norms.recipes import frn_variant, smallest_map_side
+
+    groups = list(BATCH_GROUPS if groups is None else groups)
+    controls = list(BATCH_CONTROLS if controls is None else controls)
+    for k in groups:
+        if k not in BATCH_GROUPS:
+            raise ValueError(f"images per BN group {k} is not one of {BATCH_GROUPS}")
+    for c in controls:
+        if c not in BATCH_CONTROLS:
+            raise ValueError(f"control {c!r} is not one of {BATCH_CONTROLS}")
+    frn = frn_variant(smallest_map_side(BATCH_DETECTOR, image_size))
+    return [f"BN_IMG{k}" for k in groups] + [frn if c == "FRN" else c for c in controls]
+
+
+def batch_cells(groups=None, controls=None, seeds: Optional[Sequence[int]] = None,
+                image_size: int = BATCH_IMAGE_SIZE) -> List[BatchCell]:
+    """The runs in order: seed by seed (a stopped study has whole seeds), each normalizer."""
+    seeds = list(BATCH_SEEDS if seeds is None else seeds)
+    return [BatchCell(n, s) for s in seeds for n in batch_norms(groups, controls, image_size)]
+
+
+def batch_overrides(cell: BatchCell, iterations: int, output_dir: str, *,
+                    image_size: int = BATCH_IMAGE_SIZE, evals: int = BATCH_EVALS,
+                    device: str = "cpu", train_set: str = BATCH_TRAIN_SET,
+                    test_set: str = BATCH_TEST_SET) -> Dict[str, object]:
+    """KEY -> value of one run's command line: only the normalizer's keys (and its recipe
+    extras: PreciseBN for BN, AGC for NF) and the seed differ between runs."""
+    from d2_norms.recipes import normalizer_fields
+
+    if iterations < 1 or evals < 1 or iterations % evals:
+        raise ValueError(f"--iterations {iterations} must be a positive multiple of the "
+                         f"{evals} evaluations per run (e.g. {max(evals, iterations // evals * evals)})")
+    if iterations <= BATCH_WARMUP_ITERS:
+        raise ValueError(f"--iterations {iterations} must exceed the {BATCH_WARMUP_ITERS} "
+                         "warm-up iterations")
+    flat: Dict[str, object] = dict(normalizer_fields(BATCH_DETECTOR, cell.norm))
+    if flat.get("TEST.PRECISE_BN.ENABLED"):
+        flat["TEST.PRECISE_BN.NUM_ITER"] = BATCH_PRECISE_BN_ITERS
+    period = iterations // evals
+    flat.update({
+        "INPUT.MIN_SIZE_TRAIN": (image_size,), "INPUT.MAX_SIZE_TRAIN": image_size,
+        "INPUT.MIN_SIZE_TEST": image_size, "INPUT.MAX_SIZE_TEST": image_size,
+        "SOLVER.IMS_PER_BATCH": BATCH_IMS,
+        "SOLVER.REFERENCE_WORLD_SIZE": 0,  # one process, no auto-scaling
+        "SOLVER.BASE_LR": BATCH_LR,
+        "SOLVER.MAX_ITER": iterations,
+        "SOLVER.LR_SCHEDULER_NAME": "WarmupCosineLR",
+        "SOLVER.STEPS": (),
+        "SOLVER.WARMUP_METHOD": "cosine",
+        "SOLVER.WARMUP_ITERS": BATCH_WARMUP_ITERS,
+        "SOLVER.CHECKPOINT_PERIOD": period,
+        "TEST.EVAL_PERIOD": period,
+        "SEED": cell.seed,
+        "MODEL.DEVICE": device,
+        "DATASETS.TRAIN": (train_set,),
+        "DATASETS.TEST": (test_set,),
+        "OUTPUT_DIR": output_dir,
+    })
+    return flat
+
+
+def batch_command(overrides: Dict[str, object], resume: bool,
+                  extra_opts: Sequence[str] = ()) -> List[str]:
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "1",
+           "--config-file", os.path.join(REPO, BATCH_CONFIG)]
+    if resume:
+        cmd.append("--resume")
+    for key, value in overrides.items():
+        cmd += [key, format_override(value)]
+    return cmd + list(extra_opts)
+
+
+def batch_study_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"reproduce.py {BATCH_STUDY}",
+        description="Issue 23's study: BN with statistics over 8 / 4 / 2 / 1 images of one total "
+        "batch of 8 against GN, GN+WS, FRN and NF, everything else fixed, 2 seeds, validation "
+        "curves (docs/study_batch.md).")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--groups", nargs="+", type=int,
+                        help=f"images per BN group (default {BATCH_GROUPS})")
+    parser.add_argument("--controls", nargs="*", help=f"default {BATCH_CONTROLS}")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"default {BATCH_SEEDS}")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--iterations", type=int, default=None,
+                      help=f"iterations per run (default {BATCH_ITERATIONS}: ~2.3 h at --jobs 2 "
+                      f"--threads 1 on 2 quiet cores); a multiple of the {BATCH_EVALS} "
+                      "evaluations per run. Changing it changes the cosine schedule: use a new "
+                      "--output-root, runs of another length are not resumed into it")
+    size.add_argument("--quick", action="store_true",
+                      help=f"{BATCH_QUICK_ITERATIONS} iterations, {BATCH_QUICK_EVALS} "
+                      "evaluations per run (~1.1 h): a smaller study, shorter curves; runs go to "
+                      f"{os.path.relpath(BATCH_ROOT, REPO)}-quick")
+    parser.add_argument("--image-size", type=int, default=BATCH_IMAGE_SIZE)
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE (default cpu)")
+    parser.add_argument("--train-set", default=BATCH_TRAIN_SET)
+    parser.add_argument("--test-set", default=BATCH_TEST_SET)
+    parser.add_argument("--output-root", default=None,
+                        help=f"default {os.path.relpath(BATCH_ROOT, REPO)} "
+                        f"({os.path.relpath(BATCH_ROOT, REPO)}-quick with --quick)")
+    parser.add_argument("--plot", help="the curves PNG (default docs/study_batch.png for the "
+                        "default --output-root, else OUTPUT_ROOT/study_batch.png)")
+    parser.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of each "
+                        "training process (default: torch's); 1 on a shared machine")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep the intermediate model_<iter>.pth of finished runs")
+    parser.add_argument("opts", nargs="*", help="further overrides for every run: KEY VALUE ...")
+    args = parser.parse_intermixed_args(argv)
+    iterations = args.iterations or (BATCH_QUICK_ITERATIONS if args.quick else BATCH_ITERATIONS)
+    evals = BATCH_QUICK_EVALS if args.quick else BATCH_EVALS
+    default_root = BATCH_ROOT + ("-quick" if args.quick else "")
+    root = os.path.abspath(args.output_root or default_root)
+    plot = args.plot or (BATCH_PLOT if root == os.path.abspath(BATCH_ROOT)
+                         else os.path.join(root, "study_batch.png"))
+    try:
+        cells = batch_cells(args.groups, args.controls, args.seeds, args.image_size)
+        overrides = {c.name: batch_overrides(
+            c, iterations, os.path.join(root, c.name), image_size=args.image_size, evals=evals,
+            device=args.device, train_set=args.train_set, test_set=args.test_set) for c in cells}
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"{BATCH_STUDY}: {len(cells)} runs of RetinaNet R18-FPN, {BATCH_IMS} images per "
+          f"batch (one process), {iterations} iterations, lr {BATCH_LR:g} (cosine, warm-up "
+          f"{BATCH_WARMUP_ITERS} it), {args.image_size} px, {evals} evaluations on "
+          f"{args.test_set}, {args.device}"
+          + (f" ({args.threads} thread(s))" if args.threads > 0 else "") + f"; runs in {root}",
+          flush=True)
+    outcomes = _read_study_status(root)
+    env = None
+    if args.threads > 0:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                   MKL_NUM_THREADS=str(args.threads))
+    prefix = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " if env else ""
+    dirs, queue = [], []
+    for cell in cells:
+        out = os.path.join(root, cell.name)
+        dirs.append(out)
+        state = cell_state(out)
+        if state == "finished":
+            print(f"[done]     {cell.name}")
+            continue
+        if state in RESULT_STATES:
+            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
+                  "(a result; delete the directory to train it again)")
+            continue
+        cmd = batch_command(overrides[cell.name], resume=state in ("running", "failed"),
+                            extra_opts=args.opts)
+        if args.dry_run:
+            print("[dry-run]  " + prefix + shlex.join(cmd), flush=True)
+        else:
+            queue.append((cell, out, cmd))
+    failed = run_queue(queue, args.jobs, env, prefix, root, outcomes, lambda cell: {
+        "norm": cell.norm, "seed": cell.seed, "images_per_batch": BATCH_IMS,
+        "iterations": iterations, "threads": args.threads or "default", "jobs": args.jobs},
+        keep_checkpoints=args.keep_checkpoints)
+    if failed is not None:
+        return failed
+    table_path = os.path.join(root, STUDY_TABLE_FILE)
+    reports = [
+        [sys.executable, os.path.join(REPO, "tools", "ap_table.py"), *dirs, "-o", table_path],
+        [sys.executable, os.path.join(REPO, BATCH_CURVES_TOOL), *dirs, "-o", plot,
+         "--table", os.path.join(root, "batch_table.md"),
+         "--csv", os.path.join(root, "batch_table.csv")],
+    ]
+    if args.dry_run:
+        for cmd in reports:
+            print("[dry-run]  " + shlex.join(cmd))
+        return 0
+    code = 0
+    for cmd in reports:
+        code = max(code, subprocess.call(cmd))
+    for path in (table_path, os.path.join(root, "batch_table.md")):
+        if os.path.exists(path):
+            with open(path) as f:
+                sys.stdout.write(f.read())
+            print(f"table: {path}")
+    for result in RESULT_STATES:
+        names = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == result]
+        if names:
+            print(f"{result} ({len(names)}): {', '.join(names)}")
+    print(f"plot: {plot}")
     return code
 
 

@@ -8,7 +8,10 @@ Importing this package registers, without generating anything yet:
 * ``synthetic_shapes_tiny_train`` / ``synthetic_shapes_tiny_val``: 24 / 8 images of 64 px, for
   quick end-to-end tests;
 * ``synthetic_shapes_demo_train`` / ``synthetic_shapes_demo_val``: as the default set but 2
-  classes (circle, triangle), for ``make demo``.
+  classes (circle, triangle), for ``make demo``;
+* ``synthetic_varied_train`` / ``synthetic_varied_val``: 2000 / 500 images of 160 px, 3 classes,
+  whose per-image statistics vary (random background family and colours, brightness, contrast),
+  for the batch study (``tools/reproduce.py batch-study``).
 
 Other variants: ``register_synthetic(name_prefix, num_train, num_val, image_size, seed, root,
 num_classes=..., **ShapesSpec options)``.
@@ -22,7 +25,8 @@ from .checks import (CheckedMapper, DatasetError, DatasetSummary, MissingImageEr
                      expected_num_classes, load_json_checked, read_image_checked)
 from .register import (DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES, DEFAULT_NUM_TRAIN,
                        DEFAULT_NUM_VAL, DEFAULT_PREFIX, DEFAULT_SEED, DEMO_OPTIONS, DEMO_PREFIX,
-                       TINY_PREFIX, TINY_SIZES, SyntheticMetadata, is_synthetic, register_synthetic,
+                       TINY_PREFIX, TINY_SIZES, VARIED_OPTIONS, VARIED_PREFIX, VARIED_SIZES,
+                       SyntheticMetadata, is_synthetic, register_synthetic,
                        register_synthetic_split, synthetic_paths, unregister_synthetic)
 from .shapes import SHAPE_CLASSES
 from .synthetic import (GENERATOR_VERSION, ShapesSpec, SyntheticPaths,
@@ -32,6 +36,7 @@ from .synthetic import (GENERATOR_VERSION, ShapesSpec, SyntheticPaths,
 register_synthetic()
 register_synthetic(TINY_PREFIX, **TINY_SIZES)
 register_synthetic(DEMO_PREFIX, **DEMO_OPTIONS)
+register_synthetic(VARIED_PREFIX, **VARIED_SIZES, **VARIED_OPTIONS)
 
 __all__ = [
     "CheckedMapper", "DatasetError", "DatasetSummary", "MissingImageError", "SafeDatasetMapper",
@@ -39,6 +44,7 @@ __all__ = [
     "load_json_checked", "read_image_checked",
     "DEFAULT_IMAGE_SIZE", "DEFAULT_NUM_CLASSES", "DEFAULT_NUM_TRAIN", "DEFAULT_NUM_VAL",
     "DEFAULT_PREFIX", "DEFAULT_SEED", "DEMO_OPTIONS", "DEMO_PREFIX", "TINY_PREFIX", "TINY_SIZES",
+    "VARIED_OPTIONS", "VARIED_PREFIX", "VARIED_SIZES",
     "SyntheticMetadata",
     "is_synthetic", "register_synthetic", "register_synthetic_split", "synthetic_paths",
     "unregister_synthetic", "SHAPE_CLASSES", "GENERATOR_VERSION", "ShapesSpec", "SyntheticPaths",

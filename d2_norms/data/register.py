@@ -32,6 +32,13 @@ TINY_SIZES = dict(num_train=24, num_val=8, image_size=64)
 # schedule (400 iterations x 4 images) reached box AP50 44; with 2 it reaches 75-77.
 DEMO_PREFIX = "synthetic_shapes_demo"
 DEMO_OPTIONS = dict(num_classes=2)
+# The batch study's set (issue 23, docs/study_batch.md): per-image statistics that vary, so that
+# statistics over 1, 2, 4 or 8 images differ: a random background family (waves, checks,
+# stripes, blobs) and colours, per-image brightness (+-50 levels) and contrast (x0.5-2). 160 px
+# (RetinaNet's P7 is 2x2), 3 classes; 500 validation images (~1100 objects) for a low-noise AP.
+VARIED_PREFIX = "synthetic_varied"
+VARIED_SIZES = dict(num_train=2000, num_val=500, image_size=160)
+VARIED_OPTIONS = dict(textures=True, brightness=50.0, contrast=2.0)
 
 
 class _Registration(NamedTuple):
@@ -118,7 +125,7 @@ def register_synthetic(name_prefix: str = DEFAULT_PREFIX, num_train: int = DEFAU
     The splits share every parameter but draw different images (the split name enters the
     seed). ``spec_options`` are further ``ShapesSpec`` fields (max_objects, empty_fraction,
     min_object_size, max_object_size, max_aspect, min_visible_fraction, object_noise,
-    background_noise). Parameters are checked now; images are generated on first use.
+    background_noise, textures, brightness, contrast). Parameters are checked now; images are generated on first use.
     """
     common = dict(image_size=image_size, num_classes=num_classes, seed=seed, **spec_options)
     try:

@@ -89,6 +89,11 @@ class ShapesSpec:
     min_visible_fraction: float = 0.5
     object_noise: int = 10  # max per-channel deviation of a shape's pixels from its colour
     background_noise: float = 5.0  # std of the background's pixel noise
+    # Per-image statistics (the "varied" sets, issue 23). Defaults leave an image exactly as
+    # before and stay out of the cache hash, so existing sets keep their directories.
+    textures: bool = False  # random background family per image (waves, checks, stripes, blobs)
+    brightness: float = 0.0  # per-image shift of every pixel, uniform in [-brightness, brightness]
+    contrast: float = 1.0  # per-image gain around 128, log-uniform in [1 / contrast, contrast]
 
     def __post_init__(self):
         problems = []
@@ -122,6 +127,11 @@ class ShapesSpec:
              f"object_noise must be an int in [0, 40], got {self.object_noise!r}")
         need(0.0 <= self.background_noise <= 20.0,
              f"background_noise must be in [0, 20], got {self.background_noise!r}")
+        need(isinstance(self.textures, bool), f"textures must be a bool, got {self.textures!r}")
+        need(0.0 <= self.brightness <= 80.0,
+             f"brightness must be in [0, 80] (grey levels), got {self.brightness!r}")
+        need(1.0 <= self.contrast <= 2.5,
+             f"contrast must be in [1, 2.5] (max gain), got {self.contrast!r}")
         if problems:
             raise ValueError("invalid synthetic shapes parameters: " + "; ".join(problems))
 
@@ -139,10 +149,23 @@ class ShapesSpec:
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
 
+    @property
+    def varies_statistics(self) -> bool:
+        return self.textures or self.brightness > 0 or self.contrast > 1
+
     def digest(self) -> str:
-        payload = json.dumps({"generator_version": GENERATOR_VERSION, **self.to_dict()},
-                             sort_keys=True)
+        # The per-image-statistics fields enter the hash only when set: the sets generated
+        # before they existed keep their hash (their images are unchanged).
+        fields = self.to_dict()
+        for name in _STATISTICS_FIELDS:
+            if fields[name] == _STATISTICS_DEFAULTS[name]:
+                del fields[name]
+        payload = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+_STATISTICS_DEFAULTS = {"textures": False, "brightness": 0.0, "contrast": 1.0}
+_STATISTICS_FIELDS = tuple(_STATISTICS_DEFAULTS)
 
 
 class SyntheticPaths(NamedTuple):
@@ -205,11 +228,79 @@ def _background(rng: np.random.Generator, size: int, noise_std: float) -> np.nda
     return np.clip(np.rint(img), 30, 225).astype(np.int16)
 
 
+class Photometric(NamedTuple):
+    """One image's brightness shift and contrast gain: x -> gain * (x - 128) + 128 + shift."""
+
+    shift: float
+    gain: float
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        return np.float32(self.gain) * (values - np.float32(128)) + np.float32(128 + self.shift)
+
+
+def _statistics_rng(spec: ShapesSpec, index: int) -> np.random.Generator:
+    # Its own stream: the default sets (which never draw from it) keep every image unchanged.
+    return np.random.default_rng([spec.seed, _split_code(spec.split), 2, index])
+
+
+def _photometric(rng: np.random.Generator, spec: ShapesSpec) -> Photometric:
+    shift = float(rng.uniform(-spec.brightness, spec.brightness)) if spec.brightness else 0.0
+    log_c = np.log(spec.contrast)
+    gain = float(np.exp(rng.uniform(-log_c, log_c))) if spec.contrast > 1 else 1.0
+    return Photometric(shift, gain)
+
+
+TEXTURES = ("waves", "checks", "stripes", "blobs")
+
+
+def _textured_background(rng: np.random.Generator, size: int, noise_std: float,
+                         photo: Photometric) -> Tuple[np.ndarray, str]:
+    """A background of a random family (``TEXTURES``), random colours, random pixel noise (0-2x
+    ``noise_std``), then the image's brightness / contrast; values in [0, 255]."""
+    kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
+    yy, xx = coords[:, None], coords[None, :]
+    c0, c1 = rng.uniform(30, 225, (2, 3)).astype(np.float32)
+    if kind == "waves":
+        img = _background(rng, size, 0.0).astype(np.float32)
+    elif kind == "checks":
+        cell = float(rng.uniform(4, 24))
+        theta = rng.uniform(0, np.pi / 2)
+        u = (xx * np.cos(theta) + yy * np.sin(theta)) * size / cell
+        v = (-xx * np.sin(theta) + yy * np.cos(theta)) * size / cell
+        pick = ((np.floor(u) + np.floor(v)) % 2).astype(np.float32)
+        img = c0 + (c1 - c0) * pick[..., None]
+    elif kind == "stripes":
+        freq = rng.uniform(3.0, 16.0)
+        theta = rng.uniform(0, np.pi)
+        arg = 2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 6.3)
+        img = c0 + (c1 - c0) * (0.5 + 0.5 * np.sin(arg, dtype=np.float32))[..., None]
+    else:  # blobs: low-resolution colour noise, upsampled
+        cells = int(rng.integers(3, 9))
+        low = rng.uniform(30, 225, (cells, cells, 3)).astype(np.float32)
+        img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(
+        rng.uniform(0, 2 * noise_std))
+    img = photo.apply(np.clip(img, 30, 225).astype(np.float32))
+    return np.clip(np.rint(img), 0, 255).astype(np.int16), kind
+
+
+def _fill_range(spec: ShapesSpec, photo: Optional[Photometric]) -> Tuple[int, int]:
+    """Object colours: [object_noise, 255 - object_noise], through the image's photometric map
+    (a dark / low-contrast image has dark / low-contrast objects too)."""
+    lo, hi = spec.object_noise, 255 - spec.object_noise
+    if photo is None:
+        return lo, hi
+    a, b = (float(v) for v in photo.apply(np.array([lo, hi], np.float32)))
+    return int(np.clip(np.ceil(a), lo, hi)), int(np.clip(np.floor(b), lo, hi))
+
+
 def _pick_fill(rng: np.random.Generator, canvas: np.ndarray, region: np.ndarray,
-               spec: ShapesSpec) -> Optional[np.ndarray]:
+               spec: ShapesSpec, fill_range: Optional[Tuple[int, int]] = None
+               ) -> Optional[np.ndarray]:
     """A colour at L-inf distance >= min_contrast from every canvas pixel in ``region``."""
     pixels = canvas[region].astype(np.int32)  # (n, 3)
-    lo, hi = spec.object_noise, 255 - spec.object_noise
+    lo, hi = fill_range or (spec.object_noise, 255 - spec.object_noise)
     candidates = rng.integers(lo, hi + 1, (_COLOR_CANDIDATES, 3))
     corners = np.array([[(k >> b & 1) * (hi - lo) + lo for b in range(3)] for k in range(8)])
     # Small batches: the first few random candidates nearly always pass.
@@ -247,7 +338,19 @@ def draw_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[ShapeInst
     """Image ``index`` of the split (RGB uint8 HxWx3) and its instances, back to front."""
     rng = _image_rng(spec, index)
     size = spec.image_size
-    canvas = _background(rng, size, spec.background_noise)
+    photo = None
+    if spec.varies_statistics:
+        stats_rng = _statistics_rng(spec, index)
+        photo = _photometric(stats_rng, spec)
+        if spec.textures:
+            canvas, _ = _textured_background(stats_rng, size, spec.background_noise, photo)
+        else:
+            canvas = _background(rng, size, spec.background_noise)
+            canvas = np.clip(np.rint(photo.apply(canvas.astype(np.float32))), 0, 255
+                             ).astype(np.int16)
+    else:
+        canvas = _background(rng, size, spec.background_noise)
+    fill_range = _fill_range(spec, photo)
     is_empty = index in _empty_set(spec)
     num_objects = 0 if is_empty else int(rng.integers(1, spec.max_objects + 1))
     kernel = np.ones((3, 3), np.uint8)
@@ -279,7 +382,8 @@ def draw_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[ShapeInst
             if not all(_occlusion_ok(p["visible"], vis, p["amodal_area"], spec)
                        for p, vis in covered):
                 continue
-            fill = _pick_fill(rng, canvas, cv2.dilate(full.astype(np.uint8), kernel) > 0, spec)
+            fill = _pick_fill(rng, canvas, cv2.dilate(full.astype(np.uint8), kernel) > 0, spec,
+                              fill_range)
             if fill is None:
                 continue
             for p, vis in covered:
