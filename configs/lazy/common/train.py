@@ -1,5 +1,5 @@
 # detectron2's configs/common/train.py with the recipe's lengths and periods, plus what
-# d2_norms' trainer reads (seed; PreciseBN, which the BN / SyncBN Mask R-CNN cells use:
+# d2_norms' trainer reads (seed; PreciseBN, which the BN / SyncBN cells use:
 # detectron2's own tools/lazyconfig_train_net.py has no PreciseBN hook and skips it).
 train = dict(
     output_dir="./output",
