@@ -83,7 +83,7 @@ def _frn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
         length = length * d
     # eq. 1 without materialising x^2 (eager); under torch.compile it fuses into one loop
     nu = torch.linalg.vector_norm(x, 2.0, dims, True, dtype=acc)
-    rstd = nu.mul_(nu).mul_(1.0 / length).add_(eps).rsqrt_()
+    rstd = nu.mul_(nu).div_(length).add_(eps).rsqrt_()  # (as before: exported models pin it)
     y = torch.addcmul(beta, x, rstd * gamma)  # eq. 2, float32 for half inputs
     if tau is not None:
         y = y.clamp_min_(tau)  # eq. 3 (TLU), in place
