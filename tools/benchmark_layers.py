@@ -66,19 +66,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def with_frn_impl(fn, impl):
-    """``fn`` running with FRN kernels ``impl`` (restored afterwards)."""
-    if impl is None:
-        return fn
+class frn_kernels:
+    """``with frn_kernels(impl):`` FRN's kernels for forward AND backward (None: unchanged)."""
 
-    def run(x):
-        previous = frn_module._IMPL
-        frn_module.set_frn_impl(impl)
-        try:
-            return fn(x)
-        finally:
-            frn_module.set_frn_impl(previous)
-    return run
+    def __init__(self, impl):
+        self.impl = impl
+
+    def __enter__(self):
+        self.previous = frn_module._IMPL
+        if self.impl is not None:
+            frn_module.set_frn_impl(self.impl)
+
+    def __exit__(self, *exc):
+        frn_module.set_frn_impl(self.previous)
 
 
 def with_autocast(fn, device, dtype):
@@ -102,10 +102,15 @@ def norm_candidates(channels, device):
     cands = [("BN+ReLU", lambda x: F.relu_(bn(x))), ("GN+ReLU", lambda x: F.relu_(gn(x)))]
     if FilterResponseNormTlu2d is not None:
         cands.append(("timm FRN+TLU", FilterResponseNormTlu2d(channels, eps=1e-6).to(device)))
-    cands.append(("FRN+TLU eager", with_frn_impl(ours, "eager")))
+    cands.append(("FRN+TLU eager", ours))
     if frn_module.frn_compiled_available():
-        cands.append(("FRN+TLU compiled", with_frn_impl(ours, "compiled")))
+        cands.append(("FRN+TLU compiled", ours))
     return cands
+
+
+def impl_of(name):
+    """The FRN kernels a candidate runs with (None: not an FRN candidate)."""
+    return {"FRN+TLU eager": "eager", "FRN+TLU compiled": "compiled"}.get(name)
 
 
 def conv_candidates(channels, device):
@@ -135,7 +140,8 @@ def op_counts(make_candidates):
         counts = {}
         for name, fn in make_candidates(COUNT_SHAPE[1], torch.device("cpu")):
             x = torch.randn(*COUNT_SHAPE, requires_grad=True)
-            counts[name] = count_ops(fn, x)[0]
+            with frn_kernels(impl_of(name)):
+                counts[name] = count_ops(fn, x)[0]
         return counts
     finally:
         torch.set_num_threads(threads)
@@ -155,12 +161,13 @@ def time_table(kind, shapes, make_candidates, baseline, dtype_name, args, device
             x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(*shape, device=device, dtype=dtype)
 
-        def once(fn):
-            synchronize(device)
-            t0 = time.perf_counter()
-            out = fn(x)
-            out.backward(grad.to(out.dtype))
-            synchronize(device)
+        def once(name, fn):
+            with frn_kernels(impl_of(name)):
+                synchronize(device)
+                t0 = time.perf_counter()
+                out = fn(x)
+                out.backward(grad.to(out.dtype))
+                synchronize(device)
             x.grad = None
             return time.perf_counter() - t0
 
@@ -168,7 +175,7 @@ def time_table(kind, shapes, make_candidates, baseline, dtype_name, args, device
         for name, fn in cands:
             try:
                 for _ in range(args.warmup):  # also compiles the torch.compile kernels
-                    once(fn)
+                    once(name, fn)
                 usable.append((name, fn))
             except (RuntimeError, TypeError) as e:  # e.g. a dtype a baseline does not take
                 rows.append({"shape": shape, "name": name, "error": str(e).splitlines()[0]})
@@ -176,12 +183,12 @@ def time_table(kind, shapes, make_candidates, baseline, dtype_name, args, device
         reps = max(1, args.reps if x.numel() < 2 ** 24 else args.reps // 2)
         for _ in range(reps):
             for name, fn in usable:
-                times[name].append(once(fn))
+                times[name].append(once(name, fn))
         medians = {name: statistics.median(t) for name, t in times.items()}
         base = medians.get(baseline)
         floor = 6 * x.numel() * x.element_size() if kind == "norm" else None
         for name, fn in usable:
-            with SavedTensorMeter() as meter:
+            with SavedTensorMeter() as meter, frn_kernels(impl_of(name)):
                 out = fn(x)
             del out
             ms = medians[name] * 1e3
@@ -282,14 +289,14 @@ def main(argv=None):
             label = f"{dtype_name}, " + (f"{n_threads} thread(s)" if device.type == "cpu"
                                          else where)
             if not args.skip_norms:
-                names = [n for n, _ in norm_candidates(8, device)]
+                names = [n for n, _ in norm_candidates(64, device)]
                 rows = time_table("norm", norm_shapes, norm_candidates, "GN+ReLU", dtype_name,
                                   args, device)
                 print_times(f"Norm + activation, {label}", rows, "GN+ReLU", names)
                 report["times"] += [dict(r, kind="norm", dtype=dtype_name, threads=n_threads)
                                     for r in rows]
             if not args.skip_convs:
-                names = [n for n, _ in conv_candidates(8, device)]
+                names = [n for n, _ in conv_candidates(64, device)]
                 rows = time_table("conv", conv_shapes, conv_candidates, "conv plain",
                                   dtype_name, args, device)
                 print_times(f"3x3 conv C->C, {label}", rows, "conv plain", names)

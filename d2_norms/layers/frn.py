@@ -9,20 +9,24 @@ Singh & Krishnan, "Filter Response Normalization Layer" (CVPR 2020):
 * sec 3.3 eps fixed at 1e-6, or learned as ``1e-6 + |eps_l|`` with ``eps_l`` initialised at 1e-4
           (for 1x1 maps / fully connected layers, where a tiny eps turns FRN into ``sign``).
 
-FRN+TLU runs as ONE autograd operation (:class:`_FRNFunction`) that keeps only its input (and
-the parameters) for backward; ``nu2`` and everything else is recomputed there, where a chain of
-plain ops keeps about five copies. (Keeping ``1/sqrt(nu2 + eps)`` would cost ``N*C`` floats per
-layer - little, but per ROI in the Mask R-CNN heads it put FRN 0.2% above BN's memory.) Its forward/backward kernels exist in two implementations giving the same numbers:
+FRN+TLU runs as ONE autograd operation (:class:`_FRNFunction`) that keeps its input, the
+parameters and ``rstd = 1/sqrt(nu2 + eps)`` (``N*C`` floats, so backward needs no second pass
+over x for it); a chain of plain ops keeps about five activation-sized copies. The kernels work
+on the input as it is (``(N, C, *spatial)``, channels_last too) with ``(C, 1, ..)`` views of the
+parameters: no per-row copies, ``.contiguous()`` calls or autocast contexts per call (issue 22:
+107 ops per forward+backward -> 39 eager, 15 compiled; GN+ReLU 10). Two implementations of
+the same kernels:
 
-* ``eager``    - the kernels below run as ordinary PyTorch ops;
-* ``compiled`` - the same kernels through ``torch.compile(dynamic=True)``, so each kernel is
-  fused into a few loops and compiled for symbolic shapes, not per input shape (detection
-  inputs change shape every batch). Inputs are viewed as ``(N*C, H*W)`` so a batch of one image
-  does not trigger a size-1 specialisation. Per kernel, dtype and device the graphs are: one for
-  ``H*W <= 4096``, one for longer rows (inductor's CPU code switches to a cascade summation
-  there), one for ``H*W == 1`` maps - a bounded handful, checked by the tests and printed by
-  ``tools/benchmark_layers.py``. Compilation costs ~40 s cold on a 2-core CPU and a few
-  seconds with inductor's on-disk cache.
+* ``eager``    - ordinary PyTorch ops (forward 8 ops, backward ~20);
+* ``compiled`` - the same functions through ``torch.compile(dynamic=True)``: forward = one
+  loop nest for the statistics + one for the output, backward = one pass over (grad, x) for
+  every reduction (all are per (n, c) first) + one for dx. Compiled for symbolic shapes, not
+  per input shape (detection inputs change shape every batch); per kernel, dtype and device
+  type a separate function copy, whose graphs are: batch > 1 / batch of one (dynamo
+  specializes size 1), rows up to / above 4096 elements (inductor's CPU code switches to a
+  cascade summation), 1x1 maps, channels_last - a bounded handful, checked by the tests and
+  printed by ``tools/benchmark_layers.py``. Compilation costs seconds per graph (inductor's
+  on-disk cache keeps them).
 
 ``auto`` (default) uses ``compiled`` when ``torch.compile`` works here and falls back to
 ``eager`` for good, with one warning, the first time compilation fails (no C++ compiler, no
