@@ -261,13 +261,28 @@ def frn_compile_cache_sizes():
     return _COMPILED.cache_sizes()
 
 
+_EPS_TENSORS = {}
+
+
+def _eps_tensor(eps: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float32 tensor holding ``eps`` (the compiled kernels' eps argument)."""
+    key = (eps, device)
+    t = _EPS_TENSORS.get(key)
+    if t is None:
+        t = _EPS_TENSORS[key] = torch.full((), eps, dtype=torch.float32, device=device)
+    return t
+
+
 def _run(name, *args):
     """One kernel call: the inputs as they are (no copies, no context managers). Inside a
     user's torch.compile region the outer compiler fuses the eager kernels itself."""
     if _IMPL == "eager" or torch.compiler.is_compiling():
         return _EAGER[name](*args)
     if name.startswith("fwd"):  # one graph for training and inference (no requires_grad guard)
-        args = (args[0].detach(),) + args[1:]
+        eps = args[-1]
+        if not torch.is_tensor(eps):  # dynamo would make a new tensor of the float per call
+            eps = _eps_tensor(float(eps), args[0].device)
+        args = (args[0].detach(),) + args[1:-1] + (eps,)
     else:  # a gradient in x's layout (e.g. not sum()'s stride-0 one): no graph per stride
         grad, x = args[0], args[1]
         fmt = torch.contiguous_format
