@@ -171,10 +171,10 @@ def test_layer_timings_run_on_cpu(gpu_check, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_model_timings_run_on_cpu(gpu_check, tmp_path):
-    """The whole-model part on CPU at a toy size (R18, 64 px, 1 image, 1 round)."""
+    """The whole-model part on CPU at a toy size (R18, 256 px: BN at 1 image needs P7 > 1x1)."""
     out = tmp_path / "check.json"
     status = gpu_check.main(["--device", "cpu", "--skip-train", "--skip-frn-kernels",
-                             "--export-norm", "none", "--models", "on", "--model-size", "128",
+                             "--export-norm", "none", "--models", "on", "--model-size", "256",
                              "--model-ims", "1", "--model-rounds", "1", "--model-depth", "18",
                              "--json", str(out)])
     assert status == 0
