@@ -10,8 +10,8 @@ ScaledStdConv2d.
 * **ops**: ``d2_norms.profiling.count_ops`` - top-level aten ops of ``fn(x).sum().backward()``
   on a 2x64x16x16 CPU input, harness included (deterministic; the targets are asserted in
   ``tests/test_op_counts.py``).
-* **ms**: forward+backward, median of ``--reps`` interleaved rounds after warm-up (every round
-  runs every candidate once, so load changes on a shared machine hit all alike); ratio
+* **ms**: forward+backward, median (``--stat min``: best) of ``--reps`` interleaved rounds after
+  warm-up (every round runs every candidate once, so load changes hit all alike); ratio
   against GN+ReLU (norms) and the plain conv (convs).
 * **GB/s**: the byte floor over the time. Floor = what a fused norm must move: read x twice
   (statistics, output), write y, read dy and x, write dx = 6x the tensor's bytes; a conv's
@@ -184,7 +184,8 @@ def time_table(kind, shapes, make_candidates, baseline, dtype_name, args, device
         for _ in range(reps):
             for name, fn in usable:
                 times[name].append(once(name, fn))
-        medians = {name: statistics.median(t) for name, t in times.items()}
+        pick = min if getattr(args, "stat", "median") == "min" else statistics.median
+        medians = {name: pick(t) for name, t in times.items()}
         base = medians.get(baseline)
         floor = 6 * x.numel() * x.element_size() if kind == "norm" else None
         for name, fn in usable:
@@ -244,6 +245,9 @@ def main(argv=None):
                         help="CPU thread counts to run at (default: 1 2; 1 with --quick)")
     parser.add_argument("--reps", type=int, default=None, help="rounds (default 10, quick 5)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--stat", default="median", choices=["median", "min"],
+                        help="per candidate over the rounds; min is robust to load spikes on "
+                             "a shared machine (default median)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-convs", action="store_true")
     parser.add_argument("--skip-norms", action="store_true")
