@@ -374,3 +374,28 @@ def test_tlu_without_grad_is_plain_maximum():
         out = m(x)
     assert out.grad_fn is None
     torch.testing.assert_close(out, torch.clamp_min(x, 0.0))
+
+
+@needs_compile
+@pytest.mark.parametrize("shape", [(16, 8, 1, 1), (2, 8, 7, 9), (5, 8)])
+def test_compiled_learned_eps_gradients_match_eager(shape):
+    """FRN_LEPS (eps = 1e-6 + |eps_l|) through the compiled kernels: output and every gradient,
+    eps_l's included, equal the eager kernels' (1x1 maps, maps, (N, C) features)."""
+    m = randomize(FilterResponseNorm2d(8, learned_eps=True), seed=4)
+    with torch.no_grad():
+        m.eps_l.fill_(0.02)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 2
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    previous = frn_module._IMPL
+    try:
+        for impl in ("eager", "compiled"):
+            frn_module.set_frn_impl(impl)
+            xi = x.clone().requires_grad_()
+            out = m(xi)
+            results.append((out,) + torch.autograd.grad(out, [xi] + list(m.parameters()), g))
+    finally:
+        frn_module.set_frn_impl(previous)
+    assert results[1][-1].abs() > 0  # eps_l learns
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
