@@ -153,8 +153,20 @@ def _bwd_plain(grad, x, rstd, gamma, beta, need_eps):
     return _frn_backward(grad, x, rstd, gamma, beta, None, need_eps)
 
 
+def _tlu_backward(grad, out, tau_v, need_tau: bool):
+    """Standalone TLU's backward from its output: one mask (out > tau), a multiply (not
+    torch.where with a 0-d tensor, several times slower on CPU), dtau = sum of the rest."""
+    dx = grad * (out > tau_v)
+    dtau = None
+    if need_tau:
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        dims = [d for d in range(grad.dim()) if d != 1]
+        dtau = (grad - dx).sum(dims, dtype=acc)
+    return dx, dtau
+
+
 _EAGER = {"fwd_tlu": _fwd_tlu, "fwd_plain": _fwd_plain, "bwd_tlu": _bwd_tlu,
-          "bwd_plain": _bwd_plain}
+          "bwd_plain": _bwd_plain, "tlu_bwd": _tlu_backward}
 
 
 class _CompiledKernels:
@@ -408,7 +420,8 @@ class _TLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tau):
-        out = torch.maximum(x, tau.view(_channel_shape(x)).to(x.dtype))
+        tau_v = tau.view(_channel_shape(x))
+        out = torch.maximum(x, tau_v if tau_v.dtype == x.dtype else tau_v.to(x.dtype))
         ctx.save_for_backward(out, tau)
         return out
 
@@ -416,15 +429,13 @@ class _TLUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         out, tau = ctx.saved_tensors
-        passed = out > tau.view(_channel_shape(out)).to(out.dtype)
-        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
-        dx = torch.where(passed, grad_out, zero) if ctx.needs_input_grad[0] else None
-        dtau = None
-        if ctx.needs_input_grad[1]:
-            dims = [d for d in range(grad_out.dim()) if d != 1]
-            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-            dtau = torch.where(passed, zero, grad_out).sum(dims, dtype=acc).to(tau.dtype)
-        return dx, dtau
+        tau_v = tau.view(_channel_shape(out))
+        if tau_v.dtype != out.dtype:
+            tau_v = tau_v.to(out.dtype)
+        dx, dtau = _run("tlu_bwd", grad_out, out, tau_v, ctx.needs_input_grad[1])
+        if dtau is not None and dtau.dtype != tau.dtype:
+            dtau = dtau.to(tau.dtype)
+        return (dx if ctx.needs_input_grad[0] else None), dtau
 
 
 def _channel_shape(x: torch.Tensor):
