@@ -139,3 +139,47 @@ def test_time_budget_skips_the_remaining_runs_and_still_reports(gpu_check, tmp_p
     assert all("--time-budget 0 s used up" in r["skipped"] for r in data["training"])
     assert data["export"][0]["ok"] is None and data["passed"] is True
     assert "ALL CHECKS PASSED, 5 skipped (time budget)" in capsys.readouterr().out
+
+
+def test_timings_default_off_on_cpu_and_on_with_cuda(gpu_check):
+    args = gpu_check.parse_args(["--device", "cpu"])
+    assert args.layers == "off" and args.models == "off" and args.model_amp == ["off"]
+    args = gpu_check.parse_args(["--device", "cpu", "--layers", "on", "--models", "on",
+                                 "--model-ims", "1", "2"])
+    assert args.layers == "on" and args.models == "on" and args.model_ims == [1, 2]
+    assert args.model_size == 800
+
+
+def test_layer_timings_run_on_cpu(gpu_check, tmp_path, capsys):
+    """The layer part of the GPU script on CPU: op counts at the issue's targets, timings."""
+    out = tmp_path / "check.json"
+    status = gpu_check.main(["--device", "cpu", "--skip-train", "--skip-frn-kernels",
+                             "--export-norm", "none", "--layers", "on", "--layer-reps", "1",
+                             "--layer-shapes", "2x32x6x6", "--layer-conv-shapes", "1x32x5x5",
+                             "--json", str(out)])
+    assert status == 0
+    data = json.loads(out.read_text())
+    (rec,) = data["layers"]
+    assert rec["ok"], rec.get("error")
+    assert rec["ops"]["GN+ReLU"] == 10 and rec["ops"]["WS conv"] <= 14
+    assert rec["ops"]["Scaled WS conv"] <= 16
+    names = {(r["kind"], r["dtype"], r["name"]) for r in rec["rows"] if "ms" in r}
+    assert ("norm", "fp32", "FRN+TLU eager") in names and ("conv", "bf16", "WS conv") in names
+    assert all(r["gbps"] > 0 for r in rec["rows"] if r["kind"] == "norm" and "ms" in r)
+    assert "| norm fp32: ms (ratio, GB/s) |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_timings_run_on_cpu(gpu_check, tmp_path):
+    """The whole-model part on CPU at a toy size (R18, 256 px: BN at 1 image needs P7 > 1x1)."""
+    out = tmp_path / "check.json"
+    status = gpu_check.main(["--device", "cpu", "--skip-train", "--skip-frn-kernels",
+                             "--export-norm", "none", "--models", "on", "--model-size", "256",
+                             "--model-ims", "1", "--model-rounds", "1", "--model-depth", "18",
+                             "--json", str(out)])
+    assert status == 0
+    data = json.loads(out.read_text())
+    assert [(r["detector"], r["amp"], r["ok"]) for r in data["models"]] == [
+        ("retinanet", "off", True), ("mask_rcnn", "off", True)]
+    norms = {r["norm"] for r in data["models"][0]["train"]}
+    assert norms == {"BN", "GN", "GNWS", "FRN", "NF"}

@@ -190,15 +190,44 @@ def _saved_bytes(fn, *inputs):
 
 
 @pytest.mark.parametrize("learned_eps", [False, True])
-def test_saves_only_input_and_parameters(eager, learned_eps):
-    """Nothing per (sample, channel): with many ROIs (N = 1000s) even N*C stats add up."""
+def test_saves_only_input_rstd_and_parameters(eager, learned_eps):
+    """The input, 1/sqrt(nu2 + eps) per (sample, channel) in float32 (N*C floats, so that
+    backward needs no second pass over x for it) and the parameters: nothing else."""
     m = FilterResponseNorm2d(32, learned_eps=learned_eps)
     x = torch.randn(64, 32, 4, 4, requires_grad=True)
     saved = _saved_bytes(m, x)
     params_and_eps = 3 * 32 * 4 + 2 * 4  # gamma, beta, tau; the 0-d eps (and eps_l)
-    assert saved <= x.numel() * 4 + params_and_eps
+    assert saved <= x.numel() * 4 + 64 * 32 * 4 + params_and_eps
     # the unfused chain (reference ops) keeps several activation-sized tensors
     assert _saved_bytes(lambda t: frn_reference(t, m.weight, m.bias, m.tau), x) > 3 * x.numel() * 4
+
+
+@pytest.mark.parametrize("impl", ["eager", "compiled"])
+def test_channels_last_input_is_not_copied(impl):
+    """channels_last in, channels_last out (the kernels broadcast (C, 1, 1) parameter views
+    over the input as it is), same numbers as the formula, gradients too."""
+    if impl == "compiled" and not frn_module.frn_compiled_available():
+        pytest.skip("torch.compile unsupported here")
+    previous = frn_module._IMPL
+    frn_module.set_frn_impl(impl)
+    try:
+        m = randomize(FilterResponseNorm2d(8), seed=2)
+        x = (torch.randn(2, 8, 6, 5) * 2).to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        with SavedTensorMeter() as meter:
+            out = m(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        x_ref = x.detach().contiguous().requires_grad_()
+        ref = frn_formula(x_ref, m.weight, m.bias, m.tau, 1e-6)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn(2, 8, 6, 5)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        # x itself is kept (no contiguous copy)
+        assert (x.untyped_storage().data_ptr(), "cpu") in meter.storages
+    finally:
+        frn_module.set_frn_impl(previous)
 
 
 def test_eps_validation_and_channel_mismatch():
@@ -230,13 +259,18 @@ def test_compiled_equals_eager_and_does_not_recompile_per_shape(tlu):
 
     try:
         m = randomize(FilterResponseNorm2d(16, tlu=tlu), seed=5)
-        # rows of H*W <= 4096 (batch of one included), then longer rows, which inductor's CPU
-        # code reduces differently (at most one more graph)
-        short = [(2, 16, 12, 10), (1, 16, 7, 9), (3, 16, 20, 6), (2, 16, 33, 17), (1, 16, 5, 64)]
-        long = [(1, 16, 70, 70), (2, 16, 50, 120)]
-        x_by_shape = {s: torch.randn(*s) * 2 for s in short + long}
+        # Shape classes with a graph each: batch > 1 / batch of one (dynamo specializes size
+        # 1), rows of H*W <= 4096 / longer (inductor's CPU code reduces differently). Within a
+        # class no recompilation, whatever N, C, H, W.
+        classes = [[(2, 16, 12, 10), (3, 16, 20, 6), (2, 16, 33, 17)],
+                   [(1, 16, 7, 9), (1, 16, 5, 64)],
+                   [(1, 16, 70, 70)], [(2, 16, 50, 120)]]
+        shapes = [s for c in classes for s in c]
+        x_by_shape = {s: torch.randn(*s) * 2 for s in shapes}
+        before = frn_module.frn_compile_cache_sizes() if frn_module._COMPILED._fns else {}
+        start = (before.get(fwd, 0), before.get(bwd, 0))
         counts = []
-        for shape in short + long:
+        for shape in shapes:
             eager_res, compiled_res = run(shape, "eager"), run(shape, "compiled")
             # output and dx: elementwise; parameter grads are sums over N*H*W elements whose
             # float32 summation order differs (inductor uses cascade sums)
@@ -244,16 +278,18 @@ def test_compiled_equals_eager_and_does_not_recompile_per_shape(tlu):
                 tol = 1e-5 if i < 2 else 2e-4
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
             sizes = frn_module.frn_compile_cache_sizes()
-            counts.append((sizes[fwd], sizes[bwd]))
-        first = counts[0]
-        assert all(c == first for c in counts[:len(short)]), counts  # no recompilation
-        assert counts[-1] == counts[len(short)], counts  # long rows: one graph for all
-        assert counts[-1][0] <= first[0] + 1 and counts[-1][1] <= first[1] + 1, counts
-        # inference (no grad) reuses the forward graph
-        with torch.no_grad():
-            frn_module.set_frn_impl("compiled")
-            m(x_by_shape[short[0]])
-        assert frn_module.frn_compile_cache_sizes()[fwd] == counts[-1][0]
+            counts.append((sizes[fwd] - start[0], sizes[bwd] - start[1]))
+        assert counts[-1][0] <= len(classes) and counts[-1][1] <= len(classes), counts
+        # another channel count, shapes again, inference (no grad): no new graph
+        m2 = randomize(FilterResponseNorm2d(24, tlu=tlu), seed=6)
+        frn_module.set_frn_impl("compiled")
+        for shape in shapes:
+            xi = torch.randn(shape[0], 24, *shape[2:], requires_grad=True)
+            m2(xi).sum().backward()
+            with torch.no_grad():
+                m(x_by_shape[shape])
+        sizes = frn_module.frn_compile_cache_sizes()
+        assert (sizes[fwd] - start[0], sizes[bwd] - start[1]) == counts[-1], (sizes, counts)
     finally:
         frn_module.set_frn_impl(previous)
 
@@ -338,3 +374,28 @@ def test_tlu_without_grad_is_plain_maximum():
         out = m(x)
     assert out.grad_fn is None
     torch.testing.assert_close(out, torch.clamp_min(x, 0.0))
+
+
+@needs_compile
+@pytest.mark.parametrize("shape", [(16, 8, 1, 1), (2, 8, 7, 9), (5, 8)])
+def test_compiled_learned_eps_gradients_match_eager(shape):
+    """FRN_LEPS (eps = 1e-6 + |eps_l|) through the compiled kernels: output and every gradient,
+    eps_l's included, equal the eager kernels' (1x1 maps, maps, (N, C) features)."""
+    m = randomize(FilterResponseNorm2d(8, learned_eps=True), seed=4)
+    with torch.no_grad():
+        m.eps_l.fill_(0.02)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 2
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    previous = frn_module._IMPL
+    try:
+        for impl in ("eager", "compiled"):
+            frn_module.set_frn_impl(impl)
+            xi = x.clone().requires_grad_()
+            out = m(xi)
+            results.append((out,) + torch.autograd.grad(out, [xi] + list(m.parameters()), g))
+    finally:
+        frn_module.set_frn_impl(previous)
+    assert results[1][-1].abs() > 0  # eps_l learns
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)

@@ -89,9 +89,14 @@ def parse_args(argv=None):
                         "CPU: Mask R-CNN's mask head runs on every detection)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: R18, 128 px, 2 images, 1 round")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="run forward passes under torch.autocast in this dtype (AMP; fp16 "
+                        "needs CUDA)")
     p.add_argument("--json", help="write all measurements to this file")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.amp == "fp16" and not cuda:
+        p.error("--amp fp16 needs CUDA (CPU autocast: --amp bf16)")
     if args.quick:
         args.depth, args.ims, args.rounds, args.warmup = 18, [2], 1, 1
         args.size = args.size or 128
@@ -234,7 +239,19 @@ def fix_training_proposals(model, proposals):
     return proposals
 
 
+def _autocast(device, amp):
+    """torch.autocast for ``--amp`` (a no-op context for "off")."""
+    import contextlib
+
+    if amp in (None, "off"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16,
+                                              "fp16": torch.float16}[amp])
+
+
 class Candidate:
+    amp = "off"  # set from --amp by build_candidates
+
     def __init__(self, name, model, device, train=True):
         self.name = name
         self.model = model
@@ -260,9 +277,9 @@ class Candidate:
         torch.manual_seed(0)  # the same ROI / anchor sampling in every model
         if self.fixed is not None:
             self.fixed[0], self.fixed[1] = batch, self.proposals_for(batch)
-        with EventStorage(0):
+        with EventStorage(0), _autocast(self.device, self.amp):
             losses = self.model(batch)
-        loss = sum(losses.values())
+        loss = sum(v.float() for v in losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -289,9 +306,9 @@ class Candidate:
         if self.fixed is not None:
             self.fixed[0], self.fixed[1] = batch, self.proposals_for(batch)
         meter = SavedTensorMeter()
-        with EventStorage(0), meter:
+        with EventStorage(0), meter, _autocast(self.device, self.amp):
             losses = self.model(batch)
-        loss = sum(losses.values())
+        loss = sum(v.float() for v in losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -302,13 +319,14 @@ class Candidate:
         self.model.eval()
         synchronize(self.device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(self.device, self.amp):
             self.model(images)
         synchronize(self.device)
         return time.perf_counter() - t0
 
 
 def build_candidates(detector, args, device):
+    Candidate.amp = getattr(args, "amp", "off")
     train, infer = {}, {}
     for norm in args.norms:
         cfg = make_cfg(detector, norm, args, device)
@@ -483,7 +501,7 @@ def environment(args, device):
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "torch": torch.__version__,
         "detectron2": detectron2.__version__, "d2_norms": d2_norms.__version__,
-        "frn_impl": get_frn_impl(),
+        "frn_impl": get_frn_impl(), "amp": getattr(args, "amp", "off"),
     }
 
 

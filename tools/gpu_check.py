@@ -24,6 +24,14 @@ What it checks (each part can be skipped):
    (``--export-method``), re-loaded and compared with the eager model (max |difference| per
    output field, detections and classes must match).
 
+4. layer timings - ``tools/benchmark_layers.py``'s table on the device: FRN+TLU (eager and
+   compiled kernels), GN+ReLU, BN+ReLU, timm's FRN+TLU, WS / Scaled WS convs against plain and
+   timm's convs, fp32 and bf16, at its default shapes (FPN P3 and P2 included): ms, ratio,
+   achieved GB/s against the byte floor; op counts per forward+backward.
+5. whole-model timings - ``tools/benchmark_train.py``'s step (s/it) and inference time of
+   RetinaNet and Mask R-CNN R50-FPN at ``--model-size`` (800) px, ``--model-ims`` (1 2) images,
+   for every normalizer, in fp32 and with AMP bf16, with ratios against BN / FrozenBN.
+
 It prints a summary table and, with ``--json``, writes every number to a file (rewritten after
 each check, so a killed run leaves what it measured). ``--time-budget`` starts no new run after
 that many seconds and reports the rest as skipped. Exit status 0 when no check failed, 1 when
@@ -33,6 +41,7 @@ one did, 2 on bad arguments (e.g. no CUDA).
     python tools/gpu_check.py --time-budget 170 --json gpu_check.json  # under a time limit
     python tools/gpu_check.py --norms FRN GN --detectors retinanet --iters 40 --amp on
     python tools/gpu_check.py --device cpu --iters 2 --amp off --skip-frn-kernels  # local try
+    python tools/gpu_check.py --skip-train --skip-frn-kernels --export-norm none  # timings
 """
 import argparse
 import gc
@@ -132,6 +141,22 @@ def parse_args(argv=None):
     p.add_argument("--export-atol", type=float, default=1e-3,
                    help="largest accepted |exported - eager| (TF32 convolutions on CUDA make "
                         "1e-4 too tight for an untrained model's scores)")
+    p.add_argument("--layers", default=None, choices=["on", "off"],
+                   help="layer timings (tools/benchmark_layers.py); default on with CUDA, off "
+                        "on CPU")
+    p.add_argument("--layer-shapes", nargs="+", default=None, metavar="NxCxHxW",
+                   help="norm input shapes for the layer timings (default: the tool's)")
+    p.add_argument("--layer-conv-shapes", nargs="+", default=None, metavar="NxCxHxW")
+    p.add_argument("--layer-reps", type=int, default=20)
+    p.add_argument("--models", default=None, choices=["on", "off"],
+                   help="whole-model timings (tools/benchmark_train.py); default on with "
+                        "CUDA, off on CPU (800 px R50 steps take seconds each there)")
+    p.add_argument("--model-size", type=int, default=800, help="image size for the models")
+    p.add_argument("--model-ims", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--model-rounds", type=int, default=3)
+    p.add_argument("--model-depth", type=int, default=50, choices=[18, 34, 50, 101])
+    p.add_argument("--model-amp", nargs="+", default=None, choices=["off", "bf16"],
+                   help="default: off bf16 on CUDA, off on CPU")
     p.add_argument("--output-dir", default=None,
                    help="where the runs write (default: a temporary directory, removed after)")
     p.add_argument("--keep-outputs", action="store_true",
@@ -157,6 +182,13 @@ def parse_args(argv=None):
                 "to try the script on CPU.")
     if args.amp is None:
         args.amp = "both" if args.device == "cuda" else "off"
+    for name in ("layers", "models"):
+        if getattr(args, name) is None:
+            setattr(args, name, "on" if args.device == "cuda" else "off")
+    if args.model_amp is None:
+        args.model_amp = ["off", "bf16"] if args.device == "cuda" else ["off"]
+    if args.layer_reps < 1 or args.model_rounds < 1 or min(args.model_ims) < 1:
+        p.error("--layer-reps, --model-rounds and --model-ims must be >= 1")
     if args.device == "cpu" and args.amp != "off":
         p.error(f"--amp {args.amp} needs CUDA (detectron2's AMPTrainer); use --amp off with "
                 "--device cpu")
@@ -518,6 +550,84 @@ def check_frn_kernels(device):
     return records
 
 
+# ----------------------------------------------------------------------------------- timings
+def _load_tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"d2_norms_{name}",
+                                                  os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_layer_timings(device, args):
+    """tools/benchmark_layers.py's op counts and fp32 / bf16 time tables on ``device``."""
+    rec = {"check": "layers", "ok": False}
+    start = time.perf_counter()
+    try:
+        bench = _load_tool("benchmark_layers")
+        norm_shapes = [bench.parse_shape(t) for t in (args.layer_shapes or bench.NORM_SHAPES)]
+        conv_shapes = [bench.parse_shape(t)
+                       for t in (args.layer_conv_shapes or bench.CONV_SHAPES)]
+        targs = argparse.Namespace(reps=args.layer_reps, warmup=3)
+        rec["ops"] = {**bench.op_counts(bench.norm_candidates),
+                      **bench.op_counts(bench.conv_candidates)}
+        rows = []
+        for dtype in ("fp32", "bf16"):
+            for kind, shapes, make, base in (
+                    ("norm", norm_shapes, bench.norm_candidates, "GN+ReLU"),
+                    ("conv", conv_shapes, bench.conv_candidates, "conv plain")):
+                got = bench.time_table(kind, shapes, make, base, dtype, targs, device)
+                rows += [dict(r, kind=kind, dtype=dtype, shape="x".join(map(str, r["shape"])))
+                         for r in got]
+                print(f"[layers] {kind} {dtype}: {len(got)} timings", flush=True)
+        rec["rows"] = rows
+        rec["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported like any other failed check
+        rec["error"] = f"{type(e).__name__}: {e}"
+        rec["traceback"] = traceback.format_exc()
+        print(f"[layers] FAILED: {rec['error']}", flush=True)
+    rec["wall_s"] = time.perf_counter() - start
+    return rec
+
+
+def check_model_timings(device, args, started=None):
+    """tools/benchmark_train.py per detector and AMP mode: step and inference ms per norm."""
+    records = []
+    bench = _load_tool("benchmark_train")
+    for amp in args.model_amp:
+        for detector in ("retinanet", "mask_rcnn"):
+            rec = {"check": "models", "detector": detector, "amp": amp, "ok": False}
+            if started is not None and out_of_time(args, started):
+                rec.update(ok=None, skipped=f"--time-budget {args.time_budget:g} s used up")
+                print(f"[models] {detector} {amp}: skipped", flush=True)
+                records.append(rec)
+                continue
+            start = time.perf_counter()
+            try:
+                targs = bench.parse_args([
+                    "--detectors", detector, "--ims", *map(str, args.model_ims),
+                    "--size", str(args.model_size), "--rounds", str(args.model_rounds),
+                    "--depth", str(args.model_depth), "--amp", amp, "--warmup", "1"])
+                result = bench.run_detector(detector, targs, device)
+                rec.update(size=args.model_size, train=result["train"],
+                           inference=result["inference"],
+                           fold_max_rel_diff=result["fold_max_rel_diff"], ok=True)
+                steps = ", ".join(f"{r['norm']} {r['ims']}img {r['step_ms'] / 1e3:.3f}s "
+                                  f"({r['step_x_bn']:.2f}x)" for r in result["train"])
+                print(f"[models] {detector} {amp}: {steps}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {e}"
+                rec["traceback"] = traceback.format_exc()
+                print(f"[models] {detector} {amp}: FAILED: {rec['error']}", flush=True)
+            rec["wall_s"] = time.perf_counter() - start
+            records.append(rec)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return records
+
+
 # ----------------------------------------------------------------------------------- export
 def check_export(args, weights, root):
     """tools/export_model.py on the Mask R-CNN of ``--export-norm``; its record."""
@@ -608,9 +718,10 @@ class JsonReport:
     """The ``--json`` file, rewritten (atomically) after every check, so that a run stopped by
     a time limit still leaves what it measured ("passed": null until the end)."""
 
-    def __init__(self, path, env, args, training, frn_kernels, export):
+    def __init__(self, path, env, args, training, frn_kernels, export, layers=(), models=()):
         self.path, self.env, self.args = path, env, args
         self.training, self.frn_kernels, self.export = training, frn_kernels, export
+        self.layers, self.models = layers, models
 
     def write(self, passed=None):
         if not self.path:
@@ -619,7 +730,8 @@ class JsonReport:
 
         atomic_write_text(self.path, json.dumps(_json_safe({
             "environment": self.env, "args": vars(self.args), "training": self.training,
-            "frn_kernels": self.frn_kernels, "export": self.export, "passed": passed}),
+            "frn_kernels": self.frn_kernels, "export": self.export,
+            "layers": list(self.layers), "models": list(self.models), "passed": passed}),
             indent=1, allow_nan=False))
 
 
@@ -637,6 +749,56 @@ def _json_safe(value):
 
 def _f(value, fmt):
     return "-" if value is None else format(value, fmt)
+
+
+def print_timing_summary(layers, models):
+    for rec in layers:
+        if not rec["ok"]:
+            print(f"\n- layer timings FAILED: {rec.get('error')}")
+            continue
+        ops = rec.get("ops", {})
+        print("\n| ops per fwd+bwd (2x64x16x16) | " + " | ".join(ops) + " |")
+        print("|---|" + "---:|" * len(ops))
+        print("| count | " + " | ".join(str(v) for v in ops.values()) + " |")
+        for kind in ("norm", "conv"):
+            for dtype in ("fp32", "bf16"):
+                rows = [r for r in rec["rows"] if r["kind"] == kind and r["dtype"] == dtype
+                        and "ms" in r]
+                if not rows:
+                    continue
+                names = list(dict.fromkeys(r["name"] for r in rows))
+                print(f"\n| {kind} {dtype}: ms (ratio{', GB/s' if kind == 'norm' else ''}) | "
+                      + " | ".join(names) + " |")
+                print("|---|" + "---:|" * len(names))
+                for shape in dict.fromkeys(r["shape"] for r in rows):
+                    cells = []
+                    for n in names:
+                        r = next((r for r in rows if r["shape"] == shape and r["name"] == n),
+                                 None)
+                        if r is None:
+                            cells.append("-")
+                            continue
+                        cell = f"{r['ms']:.3f} ({_f(r['ratio'], '.2f')}x"
+                        cell += f", {r['gbps']:.0f})" if r.get("gbps") else ")"
+                        cells.append(cell)
+                    print(f"| {shape} | " + " | ".join(cells) + " |")
+    for rec in models:
+        if rec["ok"] is None:
+            print(f"\n- models {rec['detector']} {rec['amp']}: skipped ({rec['skipped']})")
+            continue
+        if not rec["ok"]:
+            print(f"\n- models {rec['detector']} {rec['amp']}: FAILED {rec.get('error')}")
+            continue
+        print(f"\n| {rec['detector']} {rec['size']} px, AMP {rec['amp']} | img | step s/it | "
+              "x BN |")
+        print("|---|---:|---:|---:|")
+        for r in rec["train"]:
+            print(f"| {r['norm']} | {r['ims']} | {r['step_ms'] / 1e3:.3f} | "
+                  f"{_f(r.get('step_x_bn'), '.3f')} |")
+        print("| inference | img | ms | x FrozenBN |")
+        for r in rec["inference"]:
+            print(f"| {r['model']} | {r['ims']} | {r['ms']:.1f} | "
+                  f"{_f(r.get('x_frozen_bn'), '.3f')} |")
 
 
 def print_summary(train, frn, export, env):
@@ -704,9 +866,17 @@ def main(argv=None):
     device = torch.device(args.device)
     started = time.perf_counter()
     frn_records, train_records, export_records = [], [], []
-    report = JsonReport(args.json, env, args, train_records, frn_records, export_records)
+    layer_records, model_records = [], []
+    report = JsonReport(args.json, env, args, train_records, frn_records, export_records,
+                        layer_records, model_records)
     if not args.skip_frn_kernels:
         frn_records.extend(check_frn_kernels(device))
+        report.write()
+    if args.layers == "on":
+        layer_records.append(check_layer_timings(device, args))
+        report.write()
+    if args.models == "on":
+        model_records.extend(check_model_timings(device, args, started))
         report.write()
     root = args.output_dir or tempfile.mkdtemp(prefix="d2_norms_gpu_check_")
     try:
@@ -731,7 +901,8 @@ def main(argv=None):
     env["frn_compiled_broken"] = frn_module._COMPILED.broken
     env["seconds"] = time.perf_counter() - started
     print_summary(train_records, frn_records, export_records, env)
-    checks = train_records + frn_records + export_records
+    print_timing_summary(layer_records, model_records)
+    checks = train_records + frn_records + export_records + layer_records + model_records
     failed = [r for r in checks if r["ok"] is False]
     skipped = [r for r in checks if r["ok"] is None]
     verdict = "ALL CHECKS PASSED" if not failed else f"{len(failed)} CHECK(S) FAILED"

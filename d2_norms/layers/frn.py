@@ -9,20 +9,24 @@ Singh & Krishnan, "Filter Response Normalization Layer" (CVPR 2020):
 * sec 3.3 eps fixed at 1e-6, or learned as ``1e-6 + |eps_l|`` with ``eps_l`` initialised at 1e-4
           (for 1x1 maps / fully connected layers, where a tiny eps turns FRN into ``sign``).
 
-FRN+TLU runs as ONE autograd operation (:class:`_FRNFunction`) that keeps only its input (and
-the parameters) for backward; ``nu2`` and everything else is recomputed there, where a chain of
-plain ops keeps about five copies. (Keeping ``1/sqrt(nu2 + eps)`` would cost ``N*C`` floats per
-layer - little, but per ROI in the Mask R-CNN heads it put FRN 0.2% above BN's memory.) Its forward/backward kernels exist in two implementations giving the same numbers:
+FRN+TLU runs as ONE autograd operation (:class:`_FRNFunction`) that keeps its input, the
+parameters and ``rstd = 1/sqrt(nu2 + eps)`` (``N*C`` floats, so backward needs no second pass
+over x for it); a chain of plain ops keeps about five activation-sized copies. The kernels work
+on the input as it is (``(N, C, *spatial)``, channels_last too) with ``(C, 1, ..)`` views of the
+parameters: no per-row copies, ``.contiguous()`` calls or autocast contexts per call (issue 22:
+107 ops per forward+backward -> 39 eager, 15 compiled; GN+ReLU 10). Two implementations of
+the same kernels:
 
-* ``eager``    - the kernels below run as ordinary PyTorch ops;
-* ``compiled`` - the same kernels through ``torch.compile(dynamic=True)``, so each kernel is
-  fused into a few loops and compiled for symbolic shapes, not per input shape (detection
-  inputs change shape every batch). Inputs are viewed as ``(N*C, H*W)`` so a batch of one image
-  does not trigger a size-1 specialisation. Per kernel, dtype and device the graphs are: one for
-  ``H*W <= 4096``, one for longer rows (inductor's CPU code switches to a cascade summation
-  there), one for ``H*W == 1`` maps - a bounded handful, checked by the tests and printed by
-  ``tools/benchmark_layers.py``. Compilation costs ~40 s cold on a 2-core CPU and a few
-  seconds with inductor's on-disk cache.
+* ``eager``    - ordinary PyTorch ops (forward 8 ops, backward ~20);
+* ``compiled`` - the same functions through ``torch.compile(dynamic=True)``: forward = one
+  loop nest for the statistics + one for the output, backward = one pass over (grad, x) for
+  every reduction (all are per (n, c) first) + one for dx. Compiled for symbolic shapes, not
+  per input shape (detection inputs change shape every batch); per kernel, dtype and device
+  type a separate function copy, whose graphs are: batch > 1 / batch of one (dynamo
+  specializes size 1), rows up to / above 4096 elements (inductor's CPU code switches to a
+  cascade summation), 1x1 maps, channels_last - a bounded handful, checked by the tests and
+  printed by ``tools/benchmark_layers.py``. Compilation costs seconds per graph (inductor's
+  on-disk cache keeps them).
 
 ``auto`` (default) uses ``compiled`` when ``torch.compile`` works here and falls back to
 ``eager`` for good, with one warning, the first time compilation fails (no C++ compiler, no
@@ -32,6 +36,7 @@ in float32 (``x^2`` overflows float16 above ~256); outputs keep the input's dtyp
 """
 import logging
 import os
+import types
 from typing import Optional
 
 import torch
@@ -58,80 +63,110 @@ _IMPLS = ("auto", "eager", "compiled")
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels on a (rows, L) view: rows = N*C (one row per sample and channel), L = H*W.
-# Per-row parameters are gamma/beta/tau repeated over the batch. All math in float32.
+# Kernels on the input's own (N, C, *spatial) layout: parameters broadcast as (C, 1, ..) views
+# (no per-row copies, channels_last stays channels_last); statistics in float32 (float64 for
+# float64 inputs, so gradcheck sees float64 math). The forward returns rstd = 1/sqrt(nu2 + eps)
+# (N*C floats) for the backward, which then needs no second pass for the statistic.
 # ---------------------------------------------------------------------------------------------
 def _acc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """float32 for every dtype except float64 (kept, so gradcheck sees float64 math)."""
     return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
-def _rstd(x2, eps) -> torch.Tensor:
-    """eq. 1 per row: ``1/sqrt(mean(x^2) + eps)``, accumulated in float32 (float64 for float64)
-    without materialising x^2 in eager mode."""
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    nu2 = torch.linalg.vector_norm(x2, 2, dim=1, dtype=acc).square() / x2.shape[1]
-    return torch.rsqrt(nu2 + eps.to(acc))
+def _frn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                 tau: Optional[torch.Tensor], eps: torch.Tensor):
+    """eq. 1-3: ``(max(gamma * x * rstd + beta, tau), rstd)``; parameters as ``(C, 1, ..)``
+    views, ``eps`` a float or 0-d tensor.
 
-
-def _frn_forward_kernel(x2, gamma_r, beta_r, tau_r: Optional[torch.Tensor],
-                        eps) -> torch.Tensor:
-    rstd = _rstd(x2, eps)
-    scale = (rstd * _acc(gamma_r, x2)).unsqueeze(1)
-    y = torch.addcmul(_acc(beta_r, x2).unsqueeze(1), _acc(x2, x2), scale)  # eq. 2
-    if tau_r is not None:
-        y = torch.maximum(y, _acc(tau_r, x2).unsqueeze(1))  # eq. 3 (TLU)
-    return y.to(x2.dtype)
-
-
-def _frn_backward_kernel(grad2, x2, eps, gamma_r, beta_r, tau_r):
-    """Gradients of z = max(gamma * x * rstd + beta, tau) with rstd = (mean x^2 + eps)^-1/2
-    (recomputed from x).
-
-    With xh = x * rstd and gy = dL/dy:  dL/dx = rstd * gamma * (gy - xh * mean(gy * xh)),
-    dL/dgamma = sum(gy * xh), dL/dbeta = sum(gy), dL/dtau = sum(dL/dz where y < tau),
-    dL/deps = -rstd^2 * gamma * sum(gy * xh) / 2 (FRN sec. 3.2, written per row).
+    Plain ops, TorchScript-compatible: scripted/traced FRN runs this same function.
     """
-    length = x2.shape[1]
-    rstd = _rstd(x2, eps)
-    g = _acc(grad2, x2)
-    gamma = _acc(gamma_r, x2)
-    xh = _acc(x2, x2) * rstd.unsqueeze(1)
-    if tau_r is not None:
-        y = torch.addcmul(_acc(beta_r, x2).unsqueeze(1), xh, gamma.unsqueeze(1))
-        passed = y >= _acc(tau_r, x2).unsqueeze(1)  # where TLU passes y (ties go to y)
-        gy = torch.where(passed, g, torch.zeros((), dtype=g.dtype, device=g.device))
-        dtau_r = g.sum(1) - gy.sum(1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dims = list(range(2, x.dim()))
+    length = 1
+    for d in x.shape[2:]:
+        length = length * d
+    # eq. 1 without materialising x^2 (eager); under torch.compile it fuses into one loop
+    nu = torch.linalg.vector_norm(x, 2.0, dims, True, dtype=acc)
+    rstd = nu.mul_(nu).div_(length).add_(eps).rsqrt_()  # (as before: exported models pin it)
+    y = torch.addcmul(beta, x, rstd * gamma)  # eq. 2, float32 for half inputs
+    if tau is not None:
+        y = y.clamp_min_(tau)  # eq. 3 (TLU), in place
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y, rstd
+
+
+def _frn_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
+                  gamma: torch.Tensor, beta: torch.Tensor, tau: Optional[torch.Tensor],
+                  need_eps: bool):
+    """Gradients of z = max(gamma * x * rstd + beta, tau), rstd = (mean x^2 + eps)^-1/2.
+
+    With gy = dL/dy (TLU mask applied once) and A = sum_HW(gy * x) per (n, c):
+    dL/dx = s * gy + k * x with s = gamma * rstd, k = -s * rstd^2 * A / L;
+    dL/dgamma = sum_n rstd * A, dL/dbeta = sum gy, dL/dtau = sum g - dL/dbeta,
+    dL/deps = -1/2 sum_nc gamma * rstd^3 * A (FRN sec. 3.2, written per (n, c)).
+    Every reduction is over H*W first (per (n, c)), so a compiler fuses them into one pass
+    over (grad, x); the sums over n are on N*C values.
+    """
+    acc = rstd.dtype
+    dims = list(range(2, x.dim()))
+    length = 1
+    for d in x.shape[2:]:
+        length = length * d
+    scale = rstd * gamma
+    dtau = None
+    if tau is not None:
+        passed = torch.addcmul(beta, x, scale) >= tau  # where TLU passes y (ties go to y)
+        gy = grad * passed
+        sgy = gy.sum(dims, keepdim=True, dtype=acc)
+        dtau = (grad.sum(dims, keepdim=True, dtype=acc) - sgy).sum(0).view(-1)
     else:
-        gy = g
-        dtau_r = None
-    dbeta_r = gy.sum(1)
-    dgamma_r = (gy * xh).sum(1)
-    coef = (dgamma_r / length).unsqueeze(1)
-    dx = (gy - xh * coef) * (rstd * gamma).unsqueeze(1)
-    deps_r = -0.5 * rstd.square() * gamma * dgamma_r
-    return dx.to(x2.dtype), dgamma_r, dbeta_r, dtau_r, deps_r
+        gy = grad
+        sgy = gy.sum(dims, keepdim=True, dtype=acc)
+    dbeta = sgy.sum(0).view(-1)
+    a = (gy * x).sum(dims, keepdim=True, dtype=acc)
+    ra = rstd * a
+    dgamma = ra.sum(0).view(-1)
+    k = ra.mul_(scale).mul_(rstd).mul_(-1.0 / length)  # ra no longer needed
+    dx = torch.addcmul(gy * scale, x, k)
+    if dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)
+    deps = None
+    if need_eps:
+        deps = (gamma * rstd.pow(3) * a).sum().mul(-0.5)
+    return dx, dgamma, dbeta, dtau, deps
 
 
-def _fwd_tlu(x2, gamma_r, beta_r, tau_r, eps):
-    return _frn_forward_kernel(x2, gamma_r, beta_r, tau_r, eps)
+def _fwd_tlu(x, gamma, beta, tau, eps):
+    return _frn_forward(x, gamma, beta, tau, eps)
 
 
-def _fwd_plain(x2, gamma_r, beta_r, eps):
-    return _frn_forward_kernel(x2, gamma_r, beta_r, None, eps)
+def _fwd_plain(x, gamma, beta, eps):
+    return _frn_forward(x, gamma, beta, None, eps)
 
 
-def _bwd_tlu(grad2, x2, eps, gamma_r, beta_r, tau_r):
-    return _frn_backward_kernel(grad2, x2, eps, gamma_r, beta_r, tau_r)
+def _bwd_tlu(grad, x, rstd, gamma, beta, tau, need_eps):
+    return _frn_backward(grad, x, rstd, gamma, beta, tau, need_eps)
 
 
-def _bwd_plain(grad2, x2, eps, gamma_r, beta_r):
-    dx, dgamma, dbeta, _, deps = _frn_backward_kernel(grad2, x2, eps, gamma_r, beta_r, None)
-    return dx, dgamma, dbeta, deps
+def _bwd_plain(grad, x, rstd, gamma, beta, need_eps):
+    return _frn_backward(grad, x, rstd, gamma, beta, None, need_eps)
+
+
+def _tlu_backward(grad, out, tau_v, need_tau: bool):
+    """Standalone TLU's backward from its output: one mask (out > tau), a multiply (not
+    torch.where with a 0-d tensor, several times slower on CPU), dtau = sum of the rest."""
+    dx = grad * (out > tau_v)
+    dtau = None
+    if need_tau:
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        dims = [d for d in range(grad.dim()) if d != 1]
+        dtau = (grad - dx).sum(dims, dtype=acc)
+    return dx, dtau
 
 
 _EAGER = {"fwd_tlu": _fwd_tlu, "fwd_plain": _fwd_plain, "bwd_tlu": _bwd_tlu,
-          "bwd_plain": _bwd_plain}
+          "bwd_plain": _bwd_plain, "tlu_bwd": _tlu_backward}
 
 
 class _CompiledKernels:
@@ -140,33 +175,40 @@ class _CompiledKernels:
     def __init__(self):
         self._fns = {}
         self.broken: Optional[str] = None
+        self._supported: Optional[bool] = None
 
     def available(self) -> bool:
-        if self.broken is not None:
-            return False
-        try:
-            import torch._dynamo  # noqa: F401
+        if self._supported is None:  # checked once: this runs on every FRN call
+            try:
+                import torch._dynamo
 
-            if not torch._dynamo.is_dynamo_supported():
-                self.broken = "torch.compile is not supported on this Python/platform"
-                return False
-        except Exception as e:  # pragma: no cover - exotic builds
-            self.broken = f"torch._dynamo unavailable ({e})"
-            return False
-        return True
+                if not torch._dynamo.is_dynamo_supported():
+                    self.broken = "torch.compile is not supported on this Python/platform"
+            except Exception as e:  # pragma: no cover - exotic builds
+                self.broken = f"torch._dynamo unavailable ({e})"
+            self._supported = self.broken is None
+        return self.broken is None
 
-    def get(self, name):
-        fn = self._fns.get(name)
-        if fn is None:
-            fn = torch.compile(_EAGER[name], dynamic=True, fullgraph=True)
-            self._fns[name] = fn
-        return fn
+    def get(self, name, like: torch.Tensor):
+        """The compiled kernel for ``like``'s dtype and device type. Each gets its own copy of
+        the function (own code object), so that dynamo's per-function recompilation limit is
+        not shared among them: batch of one vs more, rows up to / above 4096 elements and
+        1x1 maps are separate graphs of each."""
+        key = (name, like.dtype, like.device.type)
+        entry = self._fns.get(key)
+        if entry is None:
+            base = _EAGER[name]
+            copy = types.FunctionType(base.__code__.replace(), base.__globals__, base.__name__,
+                                      base.__defaults__, base.__closure__)
+            entry = (torch.compile(copy, dynamic=True, fullgraph=True), copy)
+            self._fns[key] = entry
+        return entry[0]
 
     def call(self, name, *args):
         """Run the compiled kernel; on a compilation error fall back to eager permanently."""
         if self.available():
             try:
-                return self.get(name)(*args)
+                return self.get(name, args[0])(*args)
             except Exception as e:  # compilation problems surface as many exception types
                 if _IMPL == "compiled":
                     raise
@@ -178,11 +220,13 @@ class _CompiledKernels:
         return _EAGER[name](*args)
 
     def cache_sizes(self):
-        """Number of compiled graphs per kernel (recompilations + 1), for tests/benchmarks."""
+        """Number of compiled graphs per kernel (all dtypes/devices), for tests/benchmarks."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return {name: len(_debug_get_cache_entry_list(_EAGER[name].__code__))
-                for name in self._fns}
+        sizes = {}
+        for (name, _, _), (_, copy) in self._fns.items():
+            sizes[name] = sizes.get(name, 0) + len(_debug_get_cache_entry_list(copy.__code__))
+        return sizes
 
 
 _COMPILED = _CompiledKernels()
@@ -229,65 +273,74 @@ def frn_compile_cache_sizes():
     return _COMPILED.cache_sizes()
 
 
+_EPS_TENSORS = {}
+
+
+def _eps_tensor(eps: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float32 tensor holding ``eps`` (the compiled kernels' eps argument)."""
+    key = (eps, device)
+    t = _EPS_TENSORS.get(key)
+    if t is None:
+        t = _EPS_TENSORS[key] = torch.full((), eps, dtype=torch.float32, device=device)
+    return t
+
+
 def _run(name, *args):
-    # Kernels see plain, contiguous tensors: no autograd flags or strides for guards to vary on,
-    # and run without autocast (they choose their float32 math themselves).
-    args = tuple(None if a is None else a.detach().contiguous() for a in args)
-    if torch.compiler.is_compiling():
-        # Inside a user's torch.compile region the outer compiler fuses the eager kernels.
+    """One kernel call: the inputs as they are (no copies, no context managers). Inside a
+    user's torch.compile region the outer compiler fuses the eager kernels itself."""
+    if _IMPL == "eager" or torch.compiler.is_compiling():
         return _EAGER[name](*args)
-    with torch.autocast(args[0].device.type, enabled=False):
-        if _IMPL == "eager":
-            return _EAGER[name](*args)
-        return _COMPILED.call(name, *args)
+    if name.startswith("fwd"):  # one graph for training and inference (no requires_grad guard)
+        eps = args[-1]
+        if not torch.is_tensor(eps):  # dynamo would make a new tensor of the float per call
+            eps = _eps_tensor(float(eps), args[0].device)
+        args = (args[0].detach(),) + args[1:-1] + (eps,)
+    else:  # a gradient in x's layout (e.g. not sum()'s stride-0 one): no graph per stride
+        grad, x = args[0], args[1]
+        fmt = torch.contiguous_format
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last):
+            fmt = torch.channels_last
+        if not grad.is_contiguous(memory_format=fmt):
+            args = (grad.contiguous(memory_format=fmt),) + args[1:]
+    return _COMPILED.call(name, *args)
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd op
 # ---------------------------------------------------------------------------------------------
-def _rows(param: torch.Tensor, batch: int) -> torch.Tensor:
-    return param.reshape(1, -1).expand(batch, -1).reshape(-1)
+def _channel_views(x, weight, bias, tau):
+    """The parameters as ``(C, 1, ..)`` views broadcasting over x: no copies per call, and
+    plain tensors (torch.compile treats nn.Parameters' shapes as static: one graph per C)."""
+    shape = [-1] + [1] * (x.dim() - 2)
+    return weight.view(shape), bias.view(shape), None if tau is None else tau.view(shape)
 
 
 class _FRNFunction(torch.autograd.Function):
-    """FRN (+ TLU when tau is given) with saved tensors = input + parameters (+ 0-d eps)."""
+    """FRN (+ TLU when tau is given); saves the input, rstd (N*C floats) and the parameters."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, tau, eps):
-        n, c = x.shape[0], x.shape[1]
-        x2 = x.reshape(n * c, -1)
-        gamma_r, beta_r = _rows(weight, n), _rows(bias, n)
+        gamma, beta, tau_v = _channel_views(x, weight, bias, tau)
         if tau is not None:
-            out = _run("fwd_tlu", x2, gamma_r, beta_r, _rows(tau, n), eps)
+            out, rstd = _run("fwd_tlu", x, gamma, beta, tau_v, eps)
         else:
-            out = _run("fwd_plain", x2, gamma_r, beta_r, eps)
-        ctx.save_for_backward(x, eps, weight, bias, tau)
-        ctx.eps_needs_grad = eps.requires_grad
-        return out.view(x.shape)
+            out, rstd = _run("fwd_plain", x, gamma, beta, eps)
+        ctx.save_for_backward(x, rstd, gamma, beta, tau_v)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, eps, weight, bias, tau = ctx.saved_tensors
-        n, c = x.shape[0], x.shape[1]
-        x2 = x.reshape(n * c, -1)
-        grad2 = grad_out.reshape(n * c, -1)
-        gamma_r, beta_r = _rows(weight, n), _rows(bias, n)
-        if tau is not None:
-            dx, dgamma_r, dbeta_r, dtau_r, deps_r = _run(
-                "bwd_tlu", grad2, x2, eps, gamma_r, beta_r, _rows(tau, n))
+        x, rstd, gamma, beta, tau_v = ctx.saved_tensors
+        need_eps = ctx.needs_input_grad[4]
+        if tau_v is not None:
+            dx, dgamma, dbeta, dtau, deps = _run("bwd_tlu", grad_out, x, rstd, gamma, beta,
+                                                 tau_v, need_eps)
         else:
-            dx, dgamma_r, dbeta_r, deps_r = _run("bwd_plain", grad2, x2, eps, gamma_r, beta_r)
-            dtau_r = None
-
-        def per_channel(rows, like):
-            return rows.view(n, c).sum(0).to(like.dtype)
-
-        dweight = per_channel(dgamma_r, weight) if ctx.needs_input_grad[1] else None
-        dbias = per_channel(dbeta_r, bias) if ctx.needs_input_grad[2] else None
-        dtau = per_channel(dtau_r, tau) if tau is not None and ctx.needs_input_grad[3] else None
-        deps = deps_r.sum().reshape(()) if ctx.eps_needs_grad else None
-        return dx.view(x.shape), dweight, dbias, dtau, deps
+            dx, dgamma, dbeta, dtau, deps = _run("bwd_plain", grad_out, x, rstd, gamma, beta,
+                                                 need_eps)
+        return dx, dgamma, dbeta, dtau, deps
 
 
 def frn_reference(x, weight, bias, tau=None, eps=FRN_EPS):
@@ -317,54 +370,39 @@ def filter_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     if x.dim() < 2:
         raise ValueError(f"FRN expects an (N, C, ...) input, got shape {tuple(x.shape)}")
-    if not torch.is_tensor(eps):
-        eps_t = torch.full((), float(eps), dtype=torch.float32, device=x.device)
-    else:
-        eps_t = eps.reshape(())
     if torch.jit.is_tracing():
+        eps_t = eps.reshape(()) if torch.is_tensor(eps) else torch.full(
+            (), float(eps), dtype=torch.float32, device=x.device)
         return _frn_inference(x, weight, bias, tau, eps_t)
-    if x.numel() == 0 or x.shape[0] * x.shape[1] == 1:
-        return frn_reference(x, weight, bias, tau, eps_t)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or bias.requires_grad
-        or (tau is not None and tau.requires_grad) or eps_t.requires_grad)
-    if needs_grad:
-        return _FRNFunction.apply(x, weight, bias, tau, eps_t)
-    # Inference: the forward kernel alone, no autograd bookkeeping (grad mode off, as inside
-    # the autograd op, so both reuse one compiled graph).
-    n, c = x.shape[0], x.shape[1]
-    x2 = x.reshape(n * c, -1)
-    with torch.no_grad():
-        if tau is not None:
-            out = _run("fwd_tlu", x2, _rows(weight, n), _rows(bias, n), _rows(tau, n), eps_t)
-        else:
-            out = _run("fwd_plain", x2, _rows(weight, n), _rows(bias, n), eps_t)
-    return out.view(x.shape)
+    if x.dim() == 2:  # (N, C): one value per statistic; the kernels want a spatial dim
+        return filter_response_norm(x.unsqueeze(-1), weight, bias, tau, eps).squeeze(-1)
+    if x.numel() == 0:
+        return frn_reference(x, weight, bias, tau, eps)
+    if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or bias.requires_grad
+            or (tau is not None and tau.requires_grad)
+            or (torch.is_tensor(eps) and eps.requires_grad)):
+        return _FRNFunction.apply(x, weight, bias, tau, eps)
+    # Inference: the forward kernel alone, no autograd bookkeeping.
+    gamma, beta, tau_v = _channel_views(x, weight, bias, tau)
+    if tau is not None:
+        return _run("fwd_tlu", x, gamma, beta, tau_v, eps)[0]
+    return _run("fwd_plain", x, gamma, beta, eps)[0]
 
 
 def _frn_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    tau: Optional[torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
-    """The eager forward kernel on the ``(N*C, H*W)`` view, as plain ops: TorchScript and
-    ``torch.jit.trace`` run this (no autograd op, no compiled kernel, no Python-only calls), so
-    an exported FRN computes what the eager layer computes in eval mode, op for op.
-
-    Differentiable (plain ops), so a trace taken with gradients enabled still works. Shapes
-    come from ``x`` at run time (an ROI head's batch changes per image). The one difference to
-    eager: an input with N*C == 1 goes through the same kernel here, eager uses
-    :func:`frn_reference` for it (same math, a different summation order: ~1e-7).
-    """
-    n = x.shape[0]
-    c = x.shape[1]
-    length = 1
-    for d in x.shape[2:]:
-        length = length * d
-    x2 = x.reshape(n * c, length)  # explicit length: reshape(0, -1) of an empty batch fails
-    gamma_r = weight.reshape(1, -1).expand(n, -1).reshape(-1)
-    beta_r = bias.reshape(1, -1).expand(n, -1).reshape(-1)
-    tau_r: Optional[torch.Tensor] = None
-    if tau is not None:
-        tau_r = tau.reshape(1, -1).expand(n, -1).reshape(-1)
-    return _frn_forward_kernel(x2, gamma_r, beta_r, tau_r, eps).view(x.shape)
+    """The eager forward kernel as plain ops: TorchScript and ``torch.jit.trace`` run this (no
+    autograd op, no compiled kernel, no Python-only calls), so an exported FRN computes what
+    the eager layer computes in eval mode, op for op. Differentiable (plain ops)."""
+    if x.dim() == 2:
+        x = x.unsqueeze(-1)
+        shape = [-1, 1]
+        tau_v: Optional[torch.Tensor] = None if tau is None else tau.view(shape)
+        return _frn_forward(x, weight.view(shape), bias.view(shape), tau_v, eps)[0].squeeze(-1)
+    shape = [-1] + [1] * (x.dim() - 2)
+    tau_v = None if tau is None else tau.view(shape)
+    return _frn_forward(x, weight.view(shape), bias.view(shape), tau_v, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +420,8 @@ class _TLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tau):
-        out = torch.maximum(x, tau.view(_channel_shape(x)).to(x.dtype))
+        tau_v = tau.view(_channel_shape(x))
+        out = torch.maximum(x, tau_v if tau_v.dtype == x.dtype else tau_v.to(x.dtype))
         ctx.save_for_backward(out, tau)
         return out
 
@@ -390,15 +429,13 @@ class _TLUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         out, tau = ctx.saved_tensors
-        passed = out > tau.view(_channel_shape(out)).to(out.dtype)
-        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
-        dx = torch.where(passed, grad_out, zero) if ctx.needs_input_grad[0] else None
-        dtau = None
-        if ctx.needs_input_grad[1]:
-            dims = [d for d in range(grad_out.dim()) if d != 1]
-            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-            dtau = torch.where(passed, zero, grad_out).sum(dims, dtype=acc).to(tau.dtype)
-        return dx, dtau
+        tau_v = tau.view(_channel_shape(out))
+        if tau_v.dtype != out.dtype:
+            tau_v = tau_v.to(out.dtype)
+        dx, dtau = _run("tlu_bwd", grad_out, out, tau_v, ctx.needs_input_grad[1])
+        if dtau is not None and dtau.dtype != tau.dtype:
+            dtau = dtau.to(tau.dtype)
+        return (dx if ctx.needs_input_grad[0] else None), dtau
 
 
 def _channel_shape(x: torch.Tensor):

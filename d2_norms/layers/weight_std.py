@@ -45,121 +45,95 @@ WS_EPS = 1e-6
 RELU_GAIN = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 
 
-def _standardize_rows(w2: torch.Tensor, row_scale: Optional[torch.Tensor],
-                      eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``((W - mean) * rstd * s, mean, rstd)`` per row of a 2-D weight, stats in float32.
+def _standardize(weight: torch.Tensor, row_scale: Optional[torch.Tensor],
+                 eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``((W - mean) * rsqrt(var + eps) * s, mean, rstd)`` per output channel, in ONE native op.
 
-    Few passes over the weight (mean, subtract, norm, scale in place): at 1-2 images per GPU
-    the per-step standardization of every weight is a visible part of a step on CPU. (CPU
-    ``torch.var_mean`` and ``addcmul`` measured several times slower than these plain ops.)
+    ``native_group_norm`` with one group per output channel over the 4-D weight is exactly
+    this (biased variance, eps inside the square root, per-row scale as its gamma) and needs
+    no reshapes: the fewest launches for a per-step cost, with a native backward that is
+    3-5x faster on CPU than the hand-written one it replaced. Differentiable (autograd knows
+    the op), scriptable and traceable. Half-precision weights are standardized in float32.
     """
-    acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
-    w = w2.to(acc)
-    mean = w.mean(dim=1, keepdim=True)
-    out = w - mean
-    var = torch.linalg.vector_norm(out, 2, dim=1, keepdim=True).square() / w.shape[1]
-    rstd = torch.rsqrt(var + eps)
-    factor = rstd
-    if row_scale is not None:
-        factor = rstd * row_scale.to(acc).view(-1, 1)
-    return out.mul_(factor).to(w2.dtype), mean, rstd
-
-
-def _standardize_rows_backward(grad, w2, mean, rstd, row_scale, need_w, need_scale):
-    """Gradients of ``z = w0 * s`` with ``w0 = (W - mean) * rstd`` per row (n = fan-in):
-
-    ``ds = sum(g * w0)``,  ``dW = rstd * s * (g - mean(g) - w0 * sum(g * w0) / n)``.
-
-    ``sum(g * w0) = rstd * (sum(g * W) - mean * sum(g))``, so ``w0`` is never materialised and
-    ``dW = a * g + c * W + b`` with per-row a, b, c: two reductions, then in-place updates.
-    """
-    acc = mean.dtype
-    g = grad.to(acc)
-    w = w2.to(acc)
-    n = w.shape[1]
-    g_sum = g.sum(dim=1, keepdim=True)
-    gw_sum = torch.linalg.vecdot(g, w, dim=1).unsqueeze(1)
-    dot = rstd * (gw_sum - mean * g_sum)  # sum(g * w0)
-    d_scale = dot.view(-1).to(row_scale.dtype) if row_scale is not None and need_scale else None
-    dw = None
-    if need_w:
-        a = rstd if row_scale is None else rstd * row_scale.to(acc).view(-1, 1)
-        c = -a * rstd * dot / n  # coefficient of W (from -w0 * dot / n)
-        b = -a * g_sum / n - c * mean  # constant per row
-        dw = (g * a).add_(w * c).add_(b).to(w2.dtype)
-    return dw, d_scale
-
-
-class _StandardizeWeight(torch.autograd.Function):
-    """``(W - mean) * rsqrt(var + eps) * s`` per row of a 2-D weight; saves W and per-row stats."""
-
-    @staticmethod
-    def forward(ctx, w2, row_scale, eps):
-        out, mean, rstd = _standardize_rows(w2, row_scale, eps)
-        ctx.save_for_backward(w2, mean, rstd, row_scale)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        w2, mean, rstd, row_scale = ctx.saved_tensors
-        dw, d_scale = _standardize_rows_backward(grad, w2, mean, rstd, row_scale,
-                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dw, d_scale, None
+    out = weight.shape[0]
+    w = weight
+    if w.dtype == torch.float16 or w.dtype == torch.bfloat16:
+        w = w.float()
+        if row_scale is not None:
+            row_scale = row_scale.float()
+    w_hat, mean, rstd = torch.native_group_norm(w, row_scale, None, 1, out, w.numel() // out,
+                                                out, eps)
+    if w_hat.dtype != weight.dtype:  # (a same-dtype .to() is still a dispatched op)
+        w_hat = w_hat.to(weight.dtype)
+    return w_hat, mean, rstd
 
 
 class _WSConvFunction(torch.autograd.Function):
-    """``conv2d(x, standardize(W))`` as one op that keeps x, W and per-row statistics for
-    backward and recomputes the standardized weight there.
+    """``conv2d(x, standardize(W) * gain * scale)`` as one op that keeps x, W and per-channel
+    statistics for backward and recomputes the standardized weight there.
 
     Standardizing in front of a plain conv makes autograd keep the standardized copy of every
-    weight (the conv saves it): a whole extra model's worth of weights per step, times the
-    number of pyramid levels for the shared RetinaNet/RPN head convs. Recomputing it costs one
-    pass over the weights, small next to the convolution. Under autocast the conv runs in the
-    autocast dtype, as ``F.conv2d`` would.
+    weight (the conv saves it): a whole extra model's worth of weights per step. Recomputing
+    it is one native op over the weights, small next to the convolution. Per call: forward =
+    group_norm + conv (+ 2 tiny ops for the gain), backward = group_norm + conv backward +
+    group_norm backward (+ 2 for the gain). Under autocast the conv runs in the autocast
+    dtype, as ``F.conv2d`` would.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, row_scale, bias, eps, stride, padding, dilation, groups):
-        w2 = weight.reshape(weight.shape[0], -1)
-        w_hat, mean, rstd = _standardize_rows(w2, row_scale, eps)
+    def forward(ctx, x, weight, gain, bias, scale, eps, stride, padding, dilation, groups):
+        row_scale = None if gain is None else gain.view(-1) * scale
+        w_hat, mean, rstd = _standardize(weight, row_scale, eps)
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) \
             if torch.is_autocast_enabled(device_type) else None
-        xc, wc, bc = x, w_hat.view(weight.shape), bias
-        if dtype is not None:
-            xc, wc = x.to(dtype), wc.to(dtype)
+        if dtype is None:
+            out = torch.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
+            xc = x
+        else:
+            xc, wc = x.to(dtype), w_hat.to(dtype)
             bc = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            out = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
+            with torch.autocast(device_type, enabled=False):
+                out = torch.conv2d(xc, wc, bc, stride, padding, dilation, groups)
         ctx.save_for_backward(xc, weight, mean, rstd, row_scale)
-        ctx.conf = (eps, stride, padding, dilation, groups, dtype, x.dtype,
-                    None if bias is None else (bias.shape[0], bias.dtype))
+        ctx.conf = (scale, eps, stride, padding, dilation, groups, dtype, x.dtype,
+                    None if bias is None else (bias.shape[0], bias.dtype),
+                    None if gain is None else gain.shape)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         xc, weight, mean, rstd, row_scale = ctx.saved_tensors
-        eps, stride, padding, dilation, groups, dtype, x_dtype, bias_info = ctx.conf
-        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
-        w2 = weight.reshape(weight.shape[0], -1)
-        w_hat = _standardize_rows(w2, row_scale, eps)[0].view(weight.shape)
+        (scale, eps, stride, padding, dilation, groups, dtype, x_dtype, bias_info,
+         gain_shape) = ctx.conf
+        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
+        need_g = need_g and gain_shape is not None
+        w_hat = _standardize(weight, row_scale, eps)[0]
         if dtype is not None:
             w_hat = w_hat.to(dtype)
-        grad_out = grad_out.to(xc.dtype)
+            grad_out = grad_out.to(dtype)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad_out, xc, w_hat, None if bias_info is None else [bias_info[0]],
-            list(stride), list(padding), list(dilation), False, [0] * len(stride), groups,
-            [need_x, need_w or need_s, need_b and bias_info is not None])
-        dx = gx.to(x_dtype) if gx is not None else None
-        dw = d_scale = None
-        if need_w or need_s:
-            dw, d_scale = _standardize_rows_backward(gw.reshape(w2.shape), w2, mean, rstd,
-                                                     row_scale, need_w, need_s)
-            dw = None if dw is None else dw.view(weight.shape)
-        db = gb.to(bias_info[1]) if gb is not None else None
-        return dx, dw, d_scale, db, None, None, None, None, None
+            stride, padding, dilation, False, [0] * len(stride), groups,
+            [need_x, need_w or need_g, need_b and bias_info is not None])
+        dx = gx if gx is None or gx.dtype == x_dtype else gx.to(x_dtype)
+        dw = dgain = None
+        if need_w or need_g:
+            w = weight
+            if w.dtype != mean.dtype or gw.dtype != mean.dtype:  # half weights / autocast
+                w, gw = w.to(mean.dtype), gw.to(mean.dtype)
+                row_scale = None if row_scale is None else row_scale.to(mean.dtype)
+            out = weight.shape[0]
+            dw, ds, _ = torch.ops.aten.native_group_norm_backward(
+                gw, w, mean, rstd, row_scale, 1, out, w.numel() // out, out,
+                [need_w, need_g, False])
+            if dw is not None and dw.dtype != weight.dtype:
+                dw = dw.to(weight.dtype)
+            if need_g:
+                dgain = (ds * scale).view(gain_shape)
+        db = gb if gb is None or gb.dtype == bias_info[1] else gb.to(bias_info[1])
+        return dx, dw, dgain, db, None, None, None, None, None, None
 
 
 def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS, gain=None,
@@ -168,7 +142,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS, gain=None,
 
     ``gain`` is an optional per-output-channel tensor (any shape with ``out`` elements).
     Statistics in float32 (float64 for float64 weights); the result has the weight's dtype.
-    One autograd op that keeps only W and per-channel mean/rstd for backward.
+    One native op (``native_group_norm``, one group per output channel), differentiable.
     """
     out_channels = weight.shape[0]
     row_scale = None
@@ -177,8 +151,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS, gain=None,
     elif scale != 1.0:
         row_scale = torch.full((out_channels,), float(scale), dtype=weight.dtype,
                                device=weight.device)
-    w2 = weight.reshape(out_channels, -1)
-    return _StandardizeWeight.apply(w2, row_scale, float(eps)).reshape(weight.shape)
+    return _standardize(weight, row_scale, float(eps))[0]
 
 
 class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
@@ -195,21 +168,17 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
         """Per-output-channel factor after standardization (None: 1)."""
         return None
 
+    def _gain_and_scale(self):
+        """(per-channel gain parameter or None, constant factor) for the fused op."""
+        return None, 1.0
+
     def standardized_weight(self) -> torch.Tensor:
-        """The weight the convolution uses (differentiable)."""
-        w2 = self.weight.reshape(self.out_channels, -1)
-        if torch.jit.is_tracing():
-            # Plain ops: a trace must not record the autograd op (a Python op that cannot be
-            # saved); same numbers, as the op's forward is this function.
-            return _standardize_rows(w2, self._row_scale(), float(self.eps))[0].view(
-                self.weight.shape)
-        return _StandardizeWeight.apply(w2, self._row_scale(), float(self.eps)).view(
-            self.weight.shape)
+        """The weight the convolution uses (differentiable; one native op, see _standardize)."""
+        return _standardize(self.weight, self._row_scale(), float(self.eps))[0]
 
     def _scripted_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """TorchScript's forward: standardize (plain ops, as the eager op's forward) + conv."""
-        w2 = self.weight.reshape(self.out_channels, -1)
-        weight = _standardize_rows(w2, self._row_scale(), self.eps)[0].view(self.weight.shape)
+        """TorchScript's forward: standardize (the eager op's forward) + conv."""
+        weight = _standardize(self.weight, self._row_scale(), self.eps)[0]
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
@@ -236,9 +205,9 @@ class _Conv2dBase(_BaseConv2d if _BaseConv2d is not None else nn.Conv2d):
             x = F.conv2d(x, self._ws_shared_weight, self.bias, self.stride, self.padding,
                          self.dilation, self.groups)
         elif self._fused(x):
-            x = _WSConvFunction.apply(x, self.weight, self._row_scale(), self.bias,
-                                      float(self.eps), self.stride, self.padding,
-                                      self.dilation, self.groups)
+            gain, scale = self._gain_and_scale()
+            x = _WSConvFunction.apply(x, self.weight, gain, self.bias, scale, float(self.eps),
+                                      self.stride, self.padding, self.dilation, self.groups)
         else:
             x = F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
                          self.dilation, self.groups)
@@ -337,6 +306,10 @@ class ScaledStdConv2d(_Conv2dBase):
         # eq. 3: gamma * (W - mu) / (sigma * sqrt(N)), times the learned gain g_c.
         # (fan-in written out: TorchScript compiles no properties of a scripted module)
         return self.gain.reshape(-1) * (self.gamma / math.sqrt(self.weight[0].numel()))
+
+    def _gain_and_scale(self):
+        # the constant from the weight's shape, not self.weight[0] (an op per call)
+        return self.gain, self.gamma / math.sqrt(math.prod(self.weight.shape[1:]))
 
     def extra_repr(self):
         return super().extra_repr() + f", gamma={self.gamma:.6g}, eps={self.eps:g}"
