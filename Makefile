@@ -22,9 +22,11 @@ D2MAIN_OPS ?= auto
 D2MAIN_LINK_FROM ?= $(VENV)
 D2MAIN_PY := $(D2MAIN_VENV)/bin/python
 D2MAIN_STAMP := $(D2MAIN_VENV)/.d2_norms_d2main_done
-# One short train + eval through tools/train_net.py (12 iterations on the tiny synthetic set).
-D2MAIN_TRAIN_EVAL := tests/test_train_e2e.py -m slow \
-	-k "test_training_writes_what_detectron2_writes or test_training_evaluates_bbox_and_segm_with_cocoeval"
+# One short train + eval through tools/train_net.py (12 iterations on the tiny synthetic set),
+# and the LazyConfigs with both lazy trainers: detectron2 main's own tools/lazyconfig_train_net.py
+# and d2_norms' (a user's config from detectron2's common models, every normalizer).
+D2MAIN_TRAIN_EVAL := tests/test_train_e2e.py tests/test_lazyconfig.py -m slow \
+	-k "test_training_writes_what_detectron2_writes or test_training_evaluates_bbox_and_segm_with_cocoeval or test_detectron2s_own_lazy_trainer_runs_d2_norms_configs or test_users_detectron2_config_trains_finite_with_d2_norms_trainer"
 
 .PHONY: setup demo test test-fast test-slow test-all bench clean-venv test-d2main setup-d2main d2main-run
 
