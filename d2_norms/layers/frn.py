@@ -90,7 +90,7 @@ def _frn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     rstd = nu.mul_(nu).div_(length).add_(eps).rsqrt_()  # (as before: exported models pin it)
     y = torch.addcmul(beta, x, rstd * gamma)  # eq. 2, float32 for half inputs
     if tau is not None:
-        y = y.clamp_min_(tau)  # eq. 3 (TLU), in place
+        y = torch.maximum(y, tau)  # eq. 3 (TLU); compiled, it fuses into the same loop
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y, rstd
@@ -189,12 +189,27 @@ class _CompiledKernels:
             self._supported = self.broken is None
         return self.broken is None
 
-    def get(self, name, like: torch.Tensor):
-        """The compiled kernel for ``like``'s dtype and device type. Each gets its own copy of
-        the function (own code object), so that dynamo's per-function recompilation limit is
-        not shared among them: batch of one vs more, rows up to / above 4096 elements and
-        1x1 maps are separate graphs of each."""
-        key = (name, like.dtype, like.device.type)
+    @staticmethod
+    def _key(name, args):
+        """Which function copy serves this call: per kernel, dtype and device type, and per
+        shape class dynamo would otherwise compile another graph of the same function for
+        (batch of one, 1x1 maps, rows above 4096 elements, channels_last, learned eps / which
+        gradients are needed). Each copy then holds about one graph, far below dynamo's
+        per-function recompilation limit (8), however many variants a model runs."""
+        x = args[0] if name.startswith("fwd") else args[1]
+        shape = x.shape
+        length = 1
+        for d in shape[2:]:
+            length *= d
+        flag = args[-1].requires_grad if name.startswith("fwd") and torch.is_tensor(
+            args[-1]) else args[-1]
+        return (name, x.dtype, x.device.type, x.dim(), shape[0] == 1, length == 1,
+                length > 4096, not x.is_contiguous(), flag)
+
+    def get(self, name, args):
+        """The compiled kernel for this call (see _key). Each key gets its own copy of the
+        function (own code object): dynamo's cache and recompilation limit are per code."""
+        key = self._key(name, args)
         entry = self._fns.get(key)
         if entry is None:
             base = _EAGER[name]
@@ -208,7 +223,7 @@ class _CompiledKernels:
         """Run the compiled kernel; on a compilation error fall back to eager permanently."""
         if self.available():
             try:
-                return self.get(name, args[0])(*args)
+                return self.get(name, args)(*args)
             except Exception as e:  # compilation problems surface as many exception types
                 if _IMPL == "compiled":
                     raise
@@ -224,7 +239,7 @@ class _CompiledKernels:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         sizes = {}
-        for (name, _, _), (_, copy) in self._fns.items():
+        for (name, *_), (_, copy) in self._fns.items():
             sizes[name] = sizes.get(name, 0) + len(_debug_get_cache_entry_list(copy.__code__))
         return sizes
 
