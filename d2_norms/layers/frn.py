@@ -21,12 +21,13 @@ the same kernels:
 * ``compiled`` - the same functions through ``torch.compile(dynamic=True)``: forward = one
   loop nest for the statistics + one for the output, backward = one pass over (grad, x) for
   every reduction (all are per (n, c) first) + one for dx. Compiled for symbolic shapes, not
-  per input shape (detection inputs change shape every batch); per kernel, dtype and device
-  type a separate function copy, whose graphs are: batch > 1 / batch of one (dynamo
-  specializes size 1), rows up to / above 4096 elements (inductor's CPU code switches to a
-  cascade summation), 1x1 maps, channels_last - a bounded handful, checked by the tests and
-  printed by ``tools/benchmark_layers.py``. Compilation costs seconds per graph (inductor's
-  on-disk cache keeps them).
+  per input shape (detection inputs change shape every batch). Dynamo still compiles another
+  graph for a batch of one (it specializes size 1), rows above 4096 elements (inductor's CPU
+  code switches to a cascade summation), 1x1 maps, channels_last, a learned eps; each such
+  shape class (and kernel, dtype, device type) gets its own copy of the function, so that no
+  copy nears dynamo's per-function recompilation limit (8) - a bounded handful of graphs,
+  checked by the tests and printed by ``tools/benchmark_layers.py``. Compilation costs
+  seconds per graph (inductor's on-disk cache keeps them).
 
 ``auto`` (default) uses ``compiled`` when ``torch.compile`` works here and falls back to
 ``eager`` for good, with one warning, the first time compilation fails (no C++ compiler, no
