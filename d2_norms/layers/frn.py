@@ -14,7 +14,7 @@ parameters and ``rstd = 1/sqrt(nu2 + eps)`` (``N*C`` floats, so backward needs n
 over x for it); a chain of plain ops keeps about five activation-sized copies. The kernels work
 on the input as it is (``(N, C, *spatial)``, channels_last too) with ``(C, 1, ..)`` views of the
 parameters: no per-row copies, ``.contiguous()`` calls or autocast contexts per call (issue 22:
-107 ops per forward+backward -> 39 eager, 15 compiled; GN+ReLU 10). Two implementations of
+107 ops per forward+backward -> 39 eager, 12 compiled; GN+ReLU 10). Two implementations of
 the same kernels:
 
 * ``eager``    - ordinary PyTorch ops (forward 8 ops, backward ~20);
