@@ -14,19 +14,20 @@ parameters and ``rstd = 1/sqrt(nu2 + eps)`` (``N*C`` floats, so backward needs n
 over x for it); a chain of plain ops keeps about five activation-sized copies. The kernels work
 on the input as it is (``(N, C, *spatial)``, channels_last too) with ``(C, 1, ..)`` views of the
 parameters: no per-row copies, ``.contiguous()`` calls or autocast contexts per call (issue 22:
-107 ops per forward+backward -> 39 eager, 15 compiled; GN+ReLU 10). Two implementations of
+107 ops per forward+backward -> 39 eager, 12 compiled; GN+ReLU 10). Two implementations of
 the same kernels:
 
 * ``eager``    - ordinary PyTorch ops (forward 8 ops, backward ~20);
 * ``compiled`` - the same functions through ``torch.compile(dynamic=True)``: forward = one
   loop nest for the statistics + one for the output, backward = one pass over (grad, x) for
   every reduction (all are per (n, c) first) + one for dx. Compiled for symbolic shapes, not
-  per input shape (detection inputs change shape every batch); per kernel, dtype and device
-  type a separate function copy, whose graphs are: batch > 1 / batch of one (dynamo
-  specializes size 1), rows up to / above 4096 elements (inductor's CPU code switches to a
-  cascade summation), 1x1 maps, channels_last - a bounded handful, checked by the tests and
-  printed by ``tools/benchmark_layers.py``. Compilation costs seconds per graph (inductor's
-  on-disk cache keeps them).
+  per input shape (detection inputs change shape every batch). Dynamo still compiles another
+  graph for a batch of one (it specializes size 1), rows above 4096 elements (inductor's CPU
+  code switches to a cascade summation), 1x1 maps, channels_last, a learned eps; each such
+  shape class (and kernel, dtype, device type) gets its own copy of the function, so that no
+  copy nears dynamo's per-function recompilation limit (8) - a bounded handful of graphs,
+  checked by the tests and printed by ``tools/benchmark_layers.py``. Compilation costs
+  seconds per graph (inductor's on-disk cache keeps them).
 
 ``auto`` (default) uses ``compiled`` when ``torch.compile`` works here and falls back to
 ``eager`` for good, with one warning, the first time compilation fails (no C++ compiler, no
@@ -90,7 +91,7 @@ def _frn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     rstd = nu.mul_(nu).div_(length).add_(eps).rsqrt_()  # (as before: exported models pin it)
     y = torch.addcmul(beta, x, rstd * gamma)  # eq. 2, float32 for half inputs
     if tau is not None:
-        y = y.clamp_min_(tau)  # eq. 3 (TLU), in place
+        y = torch.maximum(y, tau)  # eq. 3 (TLU); compiled, it fuses into the same loop
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y, rstd
@@ -189,12 +190,27 @@ class _CompiledKernels:
             self._supported = self.broken is None
         return self.broken is None
 
-    def get(self, name, like: torch.Tensor):
-        """The compiled kernel for ``like``'s dtype and device type. Each gets its own copy of
-        the function (own code object), so that dynamo's per-function recompilation limit is
-        not shared among them: batch of one vs more, rows up to / above 4096 elements and
-        1x1 maps are separate graphs of each."""
-        key = (name, like.dtype, like.device.type)
+    @staticmethod
+    def _key(name, args):
+        """Which function copy serves this call: per kernel, dtype and device type, and per
+        shape class dynamo would otherwise compile another graph of the same function for
+        (batch of one, 1x1 maps, rows above 4096 elements, channels_last, learned eps / which
+        gradients are needed). Each copy then holds about one graph, far below dynamo's
+        per-function recompilation limit (8), however many variants a model runs."""
+        x = args[0] if name.startswith("fwd") else args[1]
+        shape = x.shape
+        length = 1
+        for d in shape[2:]:
+            length *= d
+        flag = args[-1].requires_grad if name.startswith("fwd") and torch.is_tensor(
+            args[-1]) else args[-1]
+        return (name, x.dtype, x.device.type, x.dim(), shape[0] == 1, length == 1,
+                length > 4096, not x.is_contiguous(), flag)
+
+    def get(self, name, args):
+        """The compiled kernel for this call (see _key). Each key gets its own copy of the
+        function (own code object): dynamo's cache and recompilation limit are per code."""
+        key = self._key(name, args)
         entry = self._fns.get(key)
         if entry is None:
             base = _EAGER[name]
@@ -208,7 +224,7 @@ class _CompiledKernels:
         """Run the compiled kernel; on a compilation error fall back to eager permanently."""
         if self.available():
             try:
-                return self.get(name, args[0])(*args)
+                return self.get(name, args)(*args)
             except Exception as e:  # compilation problems surface as many exception types
                 if _IMPL == "compiled":
                     raise
@@ -224,7 +240,7 @@ class _CompiledKernels:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         sizes = {}
-        for (name, _, _), (_, copy) in self._fns.items():
+        for (name, *_), (_, copy) in self._fns.items():
             sizes[name] = sizes.get(name, 0) + len(_debug_get_cache_entry_list(copy.__code__))
         return sizes
 
