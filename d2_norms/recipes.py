@@ -216,7 +216,7 @@ def norm_fields(detector: str, normalizer: str) -> Dict[str, str]:
 def normalizer_fields(detector: str, normalizer: str) -> Dict[str, object]:
     """Every yacs key one normalizer name decides for a detector (``MODEL.D2NORMS.NORM``, the
     lazy ``recipe.norm``): the norm of each part and the recipe's per-normalizer extras
-    (RetinaNet per-level head norms, AGC for Scaled WS, PreciseBN for BN Mask R-CNN), with the
+    (RetinaNet per-level head norms, AGC for Scaled WS, PreciseBN for the BN cells), with the
     value that undoes them for other normalizers (e.g. no RPN norm, no clipping).
 
     A recipe name (:data:`NORMALIZERS`) gives the cells' values; any other registered name
