@@ -394,6 +394,44 @@ def _read_study_status(root: str) -> Dict[str, Dict]:
         return {}
 
 
+def queue_cells(cells, root: str, args, command_for):
+    """The study cells still to train: (run dirs of every cell, queue of (cell, dir, command),
+    env, printed env prefix). Finished cells and recorded results (divergence, no batch
+    statistics) are skipped with a line each; interrupted ones resume; ``--dry-run`` prints the
+    commands instead of queueing them. ``command_for(cell, out_dir, resume)`` builds one."""
+    env = None
+    if args.threads > 0:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                   MKL_NUM_THREADS=str(args.threads))
+    prefix = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " if env else ""
+    dirs, queue = [], []
+    for cell in cells:
+        out = os.path.join(root, cell.name)
+        dirs.append(out)
+        state = cell_state(out)
+        if state == "finished":
+            print(f"[done]     {cell.name}")
+            continue
+        if state in RESULT_STATES:
+            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
+                  "(a result; delete the directory to train it again)")
+            continue
+        cmd = command_for(cell, out, state in ("running", "failed"))
+        if args.dry_run:
+            print("[dry-run]  " + prefix + shlex.join(cmd), flush=True)
+        else:
+            queue.append((cell, out, cmd))
+    return dirs, queue, env, prefix
+
+
+def print_result_cells(cells, root: str) -> None:
+    """One line per result state (diverged, no batch statistics) naming its cells."""
+    for result in RESULT_STATES:
+        names = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == result]
+        if names:
+            print(f"{result} ({len(names)}): {', '.join(names)}")
+
+
 def run_queue(queue: List[Tuple], jobs: int, env: Optional[Dict[str, str]], prefix: str,
               root: str, outcomes: Dict[str, Dict], describe, *,
               keep_checkpoints: bool = False) -> Optional[int]:
@@ -488,31 +526,11 @@ def study_main(argv: Sequence[str]) -> int:
           + (f" ({args.threads} thread(s))" if args.threads > 0 else "") + "; runs in "
           f"{root}", flush=True)
     outcomes = _read_study_status(root)
-    env = None
-    if args.threads > 0:
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-                   MKL_NUM_THREADS=str(args.threads))
-    prefix = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " if env else ""
-    dirs, queue = [], []
-    for cell in cells:
-        out = os.path.join(root, cell.name)
-        dirs.append(out)
-        state = cell_state(out)
-        if state == "finished":
-            print(f"[done]     {cell.name}")
-            continue
-        if state in RESULT_STATES:
-            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
-                  "(a result; delete the directory to train it again)")
-            continue
-        cmd = study_command(cell, study_overrides(
+    dirs, queue, env, prefix = queue_cells(
+        cells, root, args, lambda cell, out, resume: study_command(cell, study_overrides(
             cell, images, out, warmup_images=args.warmup_images, seed=args.seed,
             device=args.device, train_set=args.train_set, test_set=args.test_set),
-            resume=state in ("running", "failed"), extra_opts=args.opts)
-        if args.dry_run:
-            print("[dry-run]  " + prefix + shlex.join(cmd), flush=True)
-        else:
-            queue.append((cell, out, cmd))
+            resume=resume, extra_opts=args.opts))
 
     failed = run_queue(queue, args.jobs, env, prefix, root, outcomes, lambda cell: {
         "detector": cell.detector, "norm": cell.norm, "images_per_batch": cell.ims,
@@ -539,10 +557,7 @@ def study_main(argv: Sequence[str]) -> int:
         print(f"table: {table_path}")
     for cmd in figures:
         code = max(code, subprocess.call(cmd))
-    for result in RESULT_STATES:
-        names = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == result]
-        if names:
-            print(f"{result} ({len(names)}): {', '.join(names)}")
+    print_result_cells(cells, root)
     print(f"plot: {plot}" + (f" (box AP), {mask_plot} (mask AP)" if mask_plot else ""))
     return code
 
@@ -726,29 +741,9 @@ def batch_study_main(argv: Sequence[str]) -> int:
           + (f" ({args.threads} thread(s))" if args.threads > 0 else "") + f"; runs in {root}",
           flush=True)
     outcomes = _read_study_status(root)
-    env = None
-    if args.threads > 0:
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-                   MKL_NUM_THREADS=str(args.threads))
-    prefix = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " if env else ""
-    dirs, queue = [], []
-    for cell in cells:
-        out = os.path.join(root, cell.name)
-        dirs.append(out)
-        state = cell_state(out)
-        if state == "finished":
-            print(f"[done]     {cell.name}")
-            continue
-        if state in RESULT_STATES:
-            print(f"[{state}] {cell.name}: {read_run_status(out).get('error', '')[:200]} "
-                  "(a result; delete the directory to train it again)")
-            continue
-        cmd = batch_command(overrides[cell.name], resume=state in ("running", "failed"),
-                            extra_opts=args.opts)
-        if args.dry_run:
-            print("[dry-run]  " + prefix + shlex.join(cmd), flush=True)
-        else:
-            queue.append((cell, out, cmd))
+    dirs, queue, env, prefix = queue_cells(
+        cells, root, args, lambda cell, out, resume: batch_command(
+            overrides[cell.name], resume=resume, extra_opts=args.opts))
     failed = run_queue(queue, args.jobs, env, prefix, root, outcomes, lambda cell: {
         "norm": cell.norm, "seed": cell.seed, "images_per_batch": BATCH_IMS,
         "iterations": iterations, "threads": args.threads or "default", "jobs": args.jobs},
@@ -774,10 +769,7 @@ def batch_study_main(argv: Sequence[str]) -> int:
             with open(path) as f:
                 sys.stdout.write(f.read())
             print(f"table: {path}")
-    for result in RESULT_STATES:
-        names = [c.name for c in cells if cell_state(os.path.join(root, c.name)) == result]
-        if names:
-            print(f"{result} ({len(names)}): {', '.join(names)}")
+    print_result_cells(cells, root)
     print(f"plot: {plot}")
     return code
 
