@@ -132,6 +132,29 @@ def _fields_for(detector: str, norm: str) -> dict:
     return {k: v for k, v in fields.items() if k in NORM_KEYS}
 
 
+def model_parts(detector: str) -> tuple:
+    """The parts (keys of :data:`PART_KEYS`) a ``detector`` model has."""
+    return ("backbone", "fpn") + (("head",) if detector == "retinanet"
+                                  else ("rpn", "box_head", "mask_head"))
+
+
+def fields_with_parts(detector: str, norm: str, parts: Optional[dict] = None,
+                      where: str = "") -> dict:
+    """The norm of each part (yacs keys) for ``norm`` with ``parts`` ({part: norm}) replacing
+    single parts (the RPN takes the name as it is; the others as that name's rule gives it)."""
+    from d2_norms.engine.errors import LazyConfigError
+
+    fields = _fields_for(detector, norm)
+    for part, part_norm in (parts or {}).items():
+        if part not in model_parts(detector):
+            raise LazyConfigError(
+                f"{where}parts={{{part!r}: ...}}: a {detector} model has the parts "
+                f"{', '.join(model_parts(detector))}")
+        key = PART_KEYS[part]
+        fields[key] = _fields_for(detector, part_norm)[key] if part != "rpn" else part_norm
+    return fields
+
+
 def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4,
                    parts: Optional[dict] = None, input_std: Optional[Sequence[float]] = None):
     """``model`` (a detectron2 LazyConfig model node: RetinaNet or GeneralizedRCNN with an FPN
@@ -158,15 +181,7 @@ def d2_norms_model(model: Any, norm: str, *, box_head_convs: int = 4,
     if "bottom_up" not in model.backbone:
         raise LazyConfigError("d2_norms_model: model.backbone has no bottom_up: an FPN backbone "
                               "(detectron2's configs/common/models) is needed")
-    fields = _fields_for(detector, norm)
-    for part, part_norm in (parts or {}).items():
-        key = PART_KEYS.get(part)
-        usable = (("head",) if detector == "retinanet" else ("rpn", "box_head", "mask_head"))
-        if key is None or (part not in ("backbone", "fpn") and part not in usable):
-            raise LazyConfigError(
-                f"d2_norms_model: parts={{{part!r}: ...}}: a {detector} model has the parts "
-                f"{', '.join(('backbone', 'fpn') + usable)}")
-        fields[key] = _fields_for(detector, part_norm)[key] if part != "rpn" else part_norm
+    fields = fields_with_parts(detector, norm, parts, "d2_norms_model: ")
     changes = []
     bottom_up = model.backbone.bottom_up
     stem = bottom_up.get("stem") or {}

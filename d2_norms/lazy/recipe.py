@@ -92,8 +92,9 @@ def check_recipe_node(recipe: Mapping) -> Dict[str, Any]:
     if not isinstance(recipe["parts"], Mapping):
         problems.append(f"recipe.parts={recipe['parts']!r}: a mapping {{part: norm}}")
     elif detector in recipes.DETECTORS:
-        usable = ("backbone", "fpn") + (("head",) if detector == "retinanet"
-                                        else ("rpn", "box_head", "mask_head"))
+        from .components import model_parts
+
+        usable = model_parts(detector)
         for part in recipe["parts"]:
             if part not in usable:
                 problems.append(f"recipe.parts.{part}: a {detector} model has the parts "
@@ -109,21 +110,16 @@ def check_recipe_node(recipe: Mapping) -> Dict[str, Any]:
 
 
 def _norm_fields(recipe: Mapping) -> Dict[str, str]:
-    from .components import PART_KEYS, _fields_for
+    from .components import fields_with_parts
 
-    detector = recipe["detector"]
-    fields = _fields_for(detector, recipe.get("norm"))
-    for part, norm in (recipe.get("parts") or {}).items():
-        key = PART_KEYS[part]
-        fields[key] = _fields_for(detector, norm)[key] if part != "rpn" else norm
-    return fields
+    return fields_with_parts(recipe["detector"], recipe.get("norm"), recipe.get("parts"))
 
 
 def recipe_values(recipe: Mapping) -> Dict[str, Any]:
     """Every value of :data:`RECIPE_VALUE_KEYS` for one recipe node: the norms of the parts
-    (:func:`d2_norms.recipes.norm_fields`), the schedule at total batch ims_per_gpu x num_gpus
-    (:func:`d2_norms.recipes.schedule_for`) and the per-normalizer extras
-    (:func:`d2_norms.recipes.extra_fields`: per-level head norms, AGC, PreciseBN): what the yacs
+    (:func:`d2_norms.recipes.normalizer_fields`, ``recipe.parts`` replacing single parts), the
+    schedule at total batch ims_per_gpu x num_gpus (:func:`d2_norms.recipes.schedule_for`) and
+    the per-normalizer extras (per-level head norms, AGC, PreciseBN): what the yacs
     cell of the same normalizer and images per GPU holds."""
     from d2_norms import recipes
 
