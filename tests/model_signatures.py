@@ -183,3 +183,20 @@ if __name__ == "__main__":
 def load_fixture():
     with gzip.open(FIXTURE, "rt") as f:
         return json.load(f)
+
+
+def assert_same_outputs(model, reference, cfg):
+    """Both models with the same name-seeded weights, in eval mode, give bitwise the same
+    outputs of every component (:func:`outputs`, on one thread: same ops, same order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for m in (model, reference):
+            fill_weights(m)
+            m.eval()
+        got, want = outputs(model, cfg), outputs(reference, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], name
