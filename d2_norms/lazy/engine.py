@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Tuple
 from detectron2.config import LazyConfig, instantiate
 
 from d2_norms.engine.defaults import YacsRun, resolve_device
-from d2_norms.engine.errors import (ConfigKeyError, LazyConfigError, suggest_keys,
-                                    unknown_key_message)
+from d2_norms.engine.errors import (ConfigKeyError, LazyConfigError, flatten_keys,
+                                    suggest_keys, unknown_key_message)
 from d2_norms.engine.trainer import Trainer
 from d2_norms.evaluation.run_files import LAZY_SETTINGS_FILE
 
@@ -49,23 +49,13 @@ _D2N_TARGETS = {"d2n_resnet", "NormFPN", "NormLastLevelP6P7", "D2NormsRetinaNetH
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
-def _known_keys(node, prefix: str = "") -> List[str]:
-    keys = []
-    for name, value in node.items():
-        full = f"{prefix}{name}"
-        keys.append(full)
-        if isinstance(value, dict):
-            keys.extend(_known_keys(value, full + "."))
-    return keys
-
-
 def check_override_keys(lazy, overrides: List[str]) -> None:
     """Every ``key=value`` must name a key the LazyConfig has (detectron2's apply_overrides
     would silently create a new one; ``+key=value`` adds one on purpose). Every unknown key
     in one ConfigKeyError, with close matches."""
     from omegaconf import OmegaConf
 
-    known = _known_keys(OmegaConf.to_container(lazy, resolve=False))
+    known = flatten_keys(OmegaConf.to_container(lazy, resolve=False))
     problems = []
     for item in overrides:
         if "=" not in item:
