@@ -282,7 +282,9 @@ def _run_as_launcher_rank(env: LauncherEnvironment, main_func, args, timeout, ba
     try:
         setup_local_process_group(env.local_world_size)
         comm.synchronize()
-        return main_func(*args)
+        result = main_func(*args)
+        _meet_before_teardown()
+        return result
     finally:
         dist.destroy_process_group()
 
@@ -301,11 +303,16 @@ def _gloo_worker(local_rank, main_func, world_size, num_gpus_per_machine, machin
     comm.synchronize()
     try:
         main_func(*args)
-        # Tear the group down together: a rank destroying it while another still runs gloo
-        # work has aborted at exit ("terminate called without an active exception").
-        comm.synchronize()
+        _meet_before_teardown()
     finally:
         dist.destroy_process_group()
+
+
+def _meet_before_teardown():
+    """Barrier after a successful ``main_func`` on every rank, before the group is destroyed:
+    a rank destroying it while another still runs gloo work has aborted at exit (SIGABRT,
+    "terminate called without an active exception"), under mp.spawn and under torchrun."""
+    comm.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------
