@@ -170,3 +170,28 @@ def test_report_table_and_curves(tmp_path):
     curves = study_curves.curves([study_curves.read_run(x) for x in dirs])
     assert curves["BN_IMG8"] == {100: [5.0, 6.0], 200: [10.0, 12.0]}
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 7
+
+
+def test_effect_sizes_beside_the_paper_and_the_plateau_check(tmp_path):
+    runs = []
+    for norm, seed, aps in (("BN_IMG8", 1, (5.0, 10.0)), ("BN_IMG8", 2, (6.0, 12.0)),
+                            ("BN_IMG1", 1, (2.0, 4.0)), ("BN_IMG1", 2, (3.0, 6.0)),
+                            ("GN", 1, (7.0, 14.0)), ("GN", 2, (7.0, 16.0))):
+        d = tmp_path / f"{norm}_{seed}"
+        _fake_run(d, norm, seed, {100: aps[0], 200: aps[1]})
+        runs.append(study_curves.read_run(str(d)))
+    lines = study_curves.effect_sizes(runs).splitlines()
+    drop = next(l for l in lines if l.startswith("| BN@k − BN@8, measured |"))
+    # (4 + 6) / 2 - (10 + 12) / 2 = -6; standard error sqrt(2/2 + 2/2)
+    assert drop.split(" | ")[1:] == ["+0.0 ± 1.4", "-6.0 ± 1.4 |"]
+    paper = next(l for l in lines if l.startswith("| BN@k − BN@8, FRN Table 6 |"))
+    assert paper.split(" | ")[1:] == ["0.0", "— |"]  # the paper has no 1-image column
+    ratio = next(l for l in lines if l.startswith("| BN@k / GN, measured |"))
+    assert ratio.split(" | ")[1:] == [f"{11 / 15:.2f}", f"{5 / 15:.2f} |"]
+    paper_ratio = next(l for l in lines if l.startswith("| BN@k / GN@k, FRN Table 6 |"))
+    assert paper_ratio.split(" | ")[1] == f"{38.7 / 39.3:.2f}"
+    plateau = study_curves.plateau(runs, last=2).splitlines()
+    assert "| it 100 | it 200 | last change |" in plateau[2]
+    gn = next(l for l in plateau if l.startswith("| GN |"))
+    assert gn == "| GN | 7.0 | 15.0 | +8.0 |"
+    assert [l.split(" | ")[0] for l in plateau[4:]] == ["| BN_IMG8", "| BN_IMG1", "| GN"]

@@ -10,7 +10,9 @@ per k (images per BN statistics group), every other normalizer a control row (no
 statistics). Several seeds of one normalizer: mean ± sample std (n). The plot: box AP on the
 validation set against the training iteration (each TEST.EVAL_PERIOD evaluation, from
 metrics.json; the final one from results.json), one line per normalizer, the mean over seeds
-with the seeds' range shaded. Exit 1 when a run directory cannot be read.
+with the seeds' range shaded. The table file also gets the effect sizes (BN's drop from the
+largest group and its ratio to each control, beside FRN Table 6) and a plateau check (the last
+evaluations' mean AP). Exit 1 when a run directory cannot be read.
 """
 import argparse
 import json
@@ -134,6 +136,92 @@ def markdown(runs: List[Dict]) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+# FRN paper, Table 6: RetinaNet R50-FPN trained from scratch on COCO, 8 GPUs, box AP at 8 / 4 / 2
+# images per GPU (there the total batch and the schedule change with it; here they do not).
+FRN_TABLE6_AP = {"BN": {8: 38.7, 4: 37.9, 2: 30.2}, "GN": {8: 39.3, 4: 39.0, 2: 38.7},
+                 "FRN": {8: 39.6, 4: 39.5, 2: 39.1}}
+# the study's control that stands for the paper's row of that name
+PAPER_ROW = {"GN": "GN", "FRN_LEPS": "FRN", "FRN": "FRN"}
+
+
+def _final_aps(runs: List[Dict]) -> List[float]:
+    return [r["final"]["AP"] for r in runs if "AP" in r["final"]]
+
+
+def _difference(a: List[float], b: List[float]) -> str:
+    """mean(a) - mean(b) ± its standard error over seeds (when both have 2+ seeds)."""
+    (ma, sa), (mb, sb) = _summary(a), _summary(b)
+    text = f"{ma - mb:+.1f}"
+    if sa is not None and sb is not None:
+        text += f" ± {math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)):.1f}"
+    return text
+
+
+def effect_sizes(runs: List[Dict]) -> str:
+    """BN's loss as its statistics shrink, measured beside FRN Table 6: the drop from the
+    largest group (AP points) and the ratio to each control that has a paper row."""
+    rows, groups, _ = build(runs)
+    bn = {k: _final_aps(rows.get("BN", {}).get(k, [])) for k in groups}
+    if not groups or not bn[groups[0]]:
+        return ""
+    top = groups[0]
+    head = "| | " + " | ".join(f"{k} img" for k in groups) + " |"
+    lines = ["Effect sizes: BN with statistics over k images against BN over "
+             f"{top} and against the controls (box AP; measured ± standard error over seeds), "
+             "beside FRN Table 6 (RetinaNet R50-FPN from scratch on COCO, k images per GPU; "
+             "there the total batch also shrinks with k).", "", head,
+             "|---" + "|---:" * len(groups) + "|"]
+
+    def paper(values):
+        return [f"{v:.1f}" if isinstance(v, float) else (v or "—") for v in values]
+
+    lines.append("| BN@k − BN@%d, measured | " % top + " | ".join(
+        _difference(bn[k], bn[top]) if bn[k] else "" for k in groups) + " |")
+    ref = FRN_TABLE6_AP["BN"]
+    lines.append("| BN@k − BN@8, FRN Table 6 | " + " | ".join(paper(
+        [ref[k] - ref[8] if k in ref else None for k in groups])) + " |")
+    for control in sorted(c for c in rows if c != "BN" and None in rows[c]):
+        aps = _final_aps(rows[control][None])
+        if not aps:
+            continue
+        mean = sum(aps) / len(aps)
+        lines.append(f"| BN@k / {control}, measured | " + " | ".join(
+            f"{sum(bn[k]) / len(bn[k]) / mean:.2f}" if bn[k] and mean > 0 else ""
+            for k in groups) + " |")
+        if control in PAPER_ROW:
+            row = FRN_TABLE6_AP[PAPER_ROW[control]]
+            lines.append(f"| BN@k / {PAPER_ROW[control]}@k, FRN Table 6 | " + " | ".join(
+                f"{ref[k] / row[k]:.2f}" if k in ref else "—" for k in groups) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plateau(runs: List[Dict], last: int = 3) -> str:
+    """Mean box AP over seeds at each normalizer's last ``last`` evaluations, and the change
+    over the final interval: whether training had flattened."""
+    data = curves(runs)
+    if not data:
+        return ""
+    its = sorted({i for c in data.values() for i in c})[-last:]
+    lines = ["Plateau check: mean box AP over seeds at the last evaluations (iteration), and "
+             "the change over the last interval.", "",
+             "| normalizer | " + " | ".join(f"it {i}" for i in its) + " | last change |",
+             "|---" + "|---:" * (len(its) + 1) + "|"]
+    order = sorted(data, key=lambda n: (row_column(n)[0] != "BN", -(row_column(n)[1] or 0), n))
+    for norm in order:
+        means = [sum(data[norm][i]) / len(data[norm][i]) if i in data[norm] else None
+                 for i in its]
+        change = f"{means[-1] - means[-2]:+.1f}" if None not in means[-2:] else ""
+        lines.append(f"| {norm} | " + " | ".join(
+            "" if m is None else f"{m:.1f}" for m in means) + f" | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(runs: List[Dict]) -> str:
+    """The final-AP table, the effect sizes beside the paper's and the plateau check."""
+    parts = [markdown(runs), effect_sizes(runs), plateau(runs)]
+    return "\n".join(p for p in parts if p)
+
+
 def csv_text(runs: List[Dict]) -> str:
     out = ["run,normalizer,row,images_per_bn_group,seed,state," + ",".join(METRICS)]
     for r in runs:
@@ -201,7 +289,7 @@ def main(argv=None) -> int:
             problems.append(f"{d}: {e}")
     for problem in problems:
         print(f"study_curves: cannot read {problem}", file=sys.stderr)
-    text = markdown(runs)
+    text = report(runs)
     if args.table:
         with open(args.table, "w") as f:
             f.write(text)
