@@ -142,6 +142,7 @@ FRN_TABLE6_AP = {"BN": {8: 38.7, 4: 37.9, 2: 30.2}, "GN": {8: 39.3, 4: 39.0, 2: 
                  "FRN": {8: 39.6, 4: 39.5, 2: 39.1}}
 # the study's control that stands for the paper's row of that name
 PAPER_ROW = {"GN": "GN", "FRN_LEPS": "FRN", "FRN": "FRN"}
+MIN_CONTROL_AP = 1.0
 
 
 def _final_aps(runs: List[Dict]) -> List[float]:
@@ -180,11 +181,15 @@ def effect_sizes(runs: List[Dict]) -> str:
     ref = FRN_TABLE6_AP["BN"]
     lines.append("| BN@k − BN@8, FRN Table 6 | " + " | ".join(paper(
         [ref[k] - ref[8] if k in ref else None for k in groups])) + " |")
+    untrained = []
     for control in sorted(c for c in rows if c != "BN" and None in rows[c]):
         aps = _final_aps(rows[control][None])
         if not aps:
             continue
         mean = sum(aps) / len(aps)
+        if mean < MIN_CONTROL_AP:  # a ratio to a control that detects nothing says nothing
+            untrained.append(f"{control} ({mean:.1f})")
+            continue
         lines.append(f"| BN@k / {control}, measured | " + " | ".join(
             f"{sum(bn[k]) / len(bn[k]) / mean:.2f}" if bn[k] and mean > 0 else ""
             for k in groups) + " |")
@@ -192,6 +197,9 @@ def effect_sizes(runs: List[Dict]) -> str:
             row = FRN_TABLE6_AP[PAPER_ROW[control]]
             lines.append(f"| BN@k / {PAPER_ROW[control]}@k, FRN Table 6 | " + " | ".join(
                 f"{ref[k] / row[k]:.2f}" if k in ref else "—" for k in groups) + " |")
+    if untrained:
+        lines += ["", f"No ratio to {', '.join(untrained)}: mean box AP below "
+                      f"{MIN_CONTROL_AP:.0f}."]
     return "\n".join(lines) + "\n"
 
 
