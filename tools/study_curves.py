@@ -177,7 +177,8 @@ def effect_sizes(runs: List[Dict]) -> str:
         return [f"{v:.1f}" if isinstance(v, float) else (v or "—") for v in values]
 
     lines.append("| BN@k − BN@%d, measured | " % top + " | ".join(
-        _difference(bn[k], bn[top]) if bn[k] else "" for k in groups) + " |")
+        "ref." if k == top else _difference(bn[k], bn[top]) if bn[k] else "" for k in groups)
+        + " |")
     ref = FRN_TABLE6_AP["BN"]
     lines.append("| BN@k − BN@8, FRN Table 6 | " + " | ".join(paper(
         [ref[k] - ref[8] if k in ref else None for k in groups])) + " |")
