@@ -176,22 +176,63 @@ def test_effect_sizes_beside_the_paper_and_the_plateau_check(tmp_path):
     runs = []
     for norm, seed, aps in (("BN_IMG8", 1, (5.0, 10.0)), ("BN_IMG8", 2, (6.0, 12.0)),
                             ("BN_IMG1", 1, (2.0, 4.0)), ("BN_IMG1", 2, (3.0, 6.0)),
-                            ("GN", 1, (7.0, 14.0)), ("GN", 2, (7.0, 16.0))):
+                            ("GN", 1, (7.0, 14.0)), ("GN", 2, (7.0, 16.0)),
+                            ("NF", 1, (0.0, 0.2))):
         d = tmp_path / f"{norm}_{seed}"
         _fake_run(d, norm, seed, {100: aps[0], 200: aps[1]})
         runs.append(study_curves.read_run(str(d)))
     lines = study_curves.effect_sizes(runs).splitlines()
     drop = next(l for l in lines if l.startswith("| BN@k − BN@8, measured |"))
     # (4 + 6) / 2 - (10 + 12) / 2 = -6; standard error sqrt(2/2 + 2/2)
-    assert drop.split(" | ")[1:] == ["+0.0 ± 1.4", "-6.0 ± 1.4 |"]
+    assert drop.split(" | ")[1:] == ["ref.", "-6.0 ± 1.4 |"]
     paper = next(l for l in lines if l.startswith("| BN@k − BN@8, FRN Table 6 |"))
     assert paper.split(" | ")[1:] == ["0.0", "— |"]  # the paper has no 1-image column
     ratio = next(l for l in lines if l.startswith("| BN@k / GN, measured |"))
     assert ratio.split(" | ")[1:] == [f"{11 / 15:.2f}", f"{5 / 15:.2f} |"]
     paper_ratio = next(l for l in lines if l.startswith("| BN@k / GN@k, FRN Table 6 |"))
     assert paper_ratio.split(" | ")[1] == f"{38.7 / 39.3:.2f}"
+    assert not any(l.startswith("| BN@k / NF") for l in lines)  # NF detects nothing
+    assert lines[-1] == "No ratio to NF (0.2): mean box AP below 1."
     plateau = study_curves.plateau(runs, last=2).splitlines()
     assert "| it 100 | it 200 | last change |" in plateau[2]
     gn = next(l for l in plateau if l.startswith("| GN |"))
     assert gn == "| GN | 7.0 | 15.0 | +8.0 |"
-    assert [l.split(" | ")[0] for l in plateau[4:]] == ["| BN_IMG8", "| BN_IMG1", "| GN"]
+    assert [l.split(" | ")[0] for l in plateau[4:]] == ["| BN_IMG8", "| BN_IMG1", "| GN", "| NF"]
+
+
+STUDY_DOC = os.path.join(REPO, "docs", "study_batch.md")
+STUDY_RECORDS = os.path.join(REPO, "docs", "study_batch")
+REPORT_BEGIN = "<!-- BEGIN study_curves report"
+REPORT_END = "<!-- END study_curves report -->"
+
+
+def _records(kind):
+    root = os.path.join(STUDY_RECORDS, kind)
+    return [os.path.join(root, name) for name in sorted(os.listdir(root))]
+
+
+def test_the_published_tables_are_the_report_of_the_published_records():
+    """docs/study_batch.md's tables are what tools/study_curves.py computes from the per-run
+    records beside it (docs/study_batch/runs), and the study's 16 runs all finished."""
+    with open(STUDY_DOC) as f:
+        text = f.read()
+    start = text.index("\n", text.index(REPORT_BEGIN)) + 1
+    block = text[start:text.index(REPORT_END)]
+    runs = [study_curves.read_run(d) for d in _records("runs")]
+    assert block.strip() == study_curves.report(runs).strip()
+    assert len(runs) == 16 and {r["state"] for r in runs} == {"finished"}
+    cells = {(r["norm"], r["seed"]) for r in runs}
+    assert cells == {(n, s) for n in ("BN_IMG8", "BN_IMG4", "BN_IMG2", "BN_IMG1", "GN", "GNWS",
+                                      "FRN_LEPS", "NF") for s in (1, 2)}
+    with open(os.path.join(STUDY_RECORDS, "study_cells.json")) as f:
+        outcomes = json.load(f)
+    assert {os.path.basename(d) for d in _records("runs")} == set(outcomes)
+    assert {c["outcome"] for c in outcomes.values()} == {"finished"}
+
+
+def test_the_cell_re_run_from_the_documented_command_gives_the_same_ap():
+    (rerun,) = _records("rerun")
+    original = os.path.join(STUDY_RECORDS, "runs", os.path.basename(rerun))
+    again, first = study_curves.read_run(rerun), study_curves.read_run(original)
+    assert again["state"] == first["state"] == "finished"
+    assert again["final"] == first["final"] and again["curve"] == first["curve"]

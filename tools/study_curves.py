@@ -275,7 +275,7 @@ def plot(runs: List[Dict], path: str) -> None:
     ax.set_ylabel("box AP (validation)")
     ax.set_title("RetinaNet R18-FPN, batch 8: BN over k images (BN_IMG<k>) vs controls")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")  # curves rise to the right
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
