@@ -173,15 +173,12 @@ def effect_sizes(runs: List[Dict]) -> str:
              "there the total batch also shrinks with k).", "", head,
              "|---" + "|---:" * len(groups) + "|"]
 
-    def paper(values):
-        return [f"{v:.1f}" if isinstance(v, float) else (v or "—") for v in values]
-
     lines.append("| BN@k − BN@%d, measured | " % top + " | ".join(
         "ref." if k == top else _difference(bn[k], bn[top]) if bn[k] else "" for k in groups)
         + " |")
     ref = FRN_TABLE6_AP["BN"]
-    lines.append("| BN@k − BN@8, FRN Table 6 | " + " | ".join(paper(
-        [ref[k] - ref[8] if k in ref else None for k in groups])) + " |")
+    lines.append("| BN@k − BN@8, FRN Table 6 | " + " | ".join(
+        f"{ref[k] - ref[8]:.1f}" if k in ref else "—" for k in groups) + " |")
     untrained = []
     for control in sorted(c for c in rows if c != "BN" and None in rows[c]):
         aps = _final_aps(rows[control][None])
@@ -192,7 +189,7 @@ def effect_sizes(runs: List[Dict]) -> str:
             untrained.append(f"{control} ({mean:.1f})")
             continue
         lines.append(f"| BN@k / {control}, measured | " + " | ".join(
-            f"{sum(bn[k]) / len(bn[k]) / mean:.2f}" if bn[k] and mean > 0 else ""
+            f"{sum(bn[k]) / len(bn[k]) / mean:.2f}" if bn[k] else ""
             for k in groups) + " |")
         if control in PAPER_ROW:
             row = FRN_TABLE6_AP[PAPER_ROW[control]]
